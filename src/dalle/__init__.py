@@ -1,0 +1,1 @@
+"""dalle: the command-line application."""
