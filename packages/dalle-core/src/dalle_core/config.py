@@ -104,15 +104,18 @@ def _convert(annotation: Any, value: Any, path: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        errors = []
+        errors: list[ConfigError] = []
         for option in args:
             if option is type(None):
                 continue
             try:
                 return _convert(option, value, path)
             except ConfigError as error:
-                errors.append(str(error))
-        raise errors[0] if len(errors) == 1 else ConfigError(f"{path}: {_describe(value)} matches none of {args}")
+                errors.append(error)
+        if len(errors) == 1:
+            raise errors[0]
+        names = " or ".join(getattr(option, "__name__", str(option)) for option in args)
+        raise ConfigError(f"{path}: expected {names}, got {_describe(value)}")
     if origin is typing.Literal:
         if value not in args:
             raise ConfigError(f"{path}: expected one of {list(args)}, got {_describe(value)}")
@@ -162,7 +165,7 @@ def _convert(annotation: Any, value: Any, path: str) -> Any:
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """Parse ``a.b.c=value`` into (``["a", "b", "c"]``, value); the value is read as YAML (``3``, ``true``, ``[1, 2]``)."""
+    """Parse ``a.b.c=value`` into (``["a", "b", "c"]``, value), reading the value as YAML (``3``, ``true``)."""
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"override {text!r}: expected KEY=VALUE such as model.depth=4")

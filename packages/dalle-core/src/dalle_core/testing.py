@@ -20,7 +20,7 @@ from dalle_core.errors import ShapeError, TextTooLongError, VocabularyError
 from dalle_core.protocols import ImageTokenizer, TextTokenizer
 
 
-def _raises(error_type: type[BaseException], function, *args, **kwargs) -> BaseException:  # noqa: ANN001
+def _raises(error_type: type[BaseException], function, *args, **kwargs) -> BaseException:
     try:
         function(*args, **kwargs)
     except error_type as error:

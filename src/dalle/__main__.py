@@ -1,0 +1,5 @@
+import sys
+
+from dalle.cli import main
+
+sys.exit(main())
