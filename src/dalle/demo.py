@@ -32,7 +32,7 @@ class DemoConfig:
     samples_per_spec: int = 24
     holdout_fraction: float = 0.15
     images_per_prompt: int = 4
-    max_prompts: int = 16
+    max_prompts: int = 32
     sample_top_k: int | None = 8
     seed: int = 0
     vae: VAETrainConfig = field(default_factory=VAETrainConfig)

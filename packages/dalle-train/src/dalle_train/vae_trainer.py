@@ -46,7 +46,7 @@ def train_vae(config: VAETrainConfig, dataset: Dataset, run_dir: Path, resume: b
         start = int(load_training_state(checkpoint, optimizer, data_generator)["step"])
         console.print(f"resuming VAE training from {checkpoint} (step {start})")
     count = len(dataset)  # type: ignore[arg-type]
-    fixed = image_batch(dataset, torch.arange(min(8, count)))
+    fixed = image_batch(dataset, torch.linspace(0, count - 1, min(8, count)).long())
     log = MetricsLog(run_dir / "metrics.jsonl")
     model.train()
     with make_progress() as progress:
