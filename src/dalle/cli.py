@@ -47,9 +47,8 @@ def demo(
     """Generate shapes data, train a VAE and a transformer, draw held-out captions, write OUTPUT/index.html."""
     import shutil
 
-    from dalle_core.errors import ConfigError
-
     from dalle.demo import demo_config, run_demo
+    from dalle_core.errors import ConfigError
 
     if preset not in ("fast", "better"):
         raise ConfigError(f"--preset must be 'fast' or 'better', got {preset!r}")

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+
 from dalle_core.config import from_dict, to_dict, write_config_file
 from dalle_core.images import save_image_grid
 from dalle_eval.metrics import language_model_metrics, reconstruction_metrics

@@ -4,6 +4,7 @@ import os
 
 import pytest
 import torch
+
 from dalle_core.checkpoint import atomic_directory, load_weights, read_json, save_model_dir
 from dalle_core.errors import CheckpointError
 

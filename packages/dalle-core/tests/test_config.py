@@ -4,6 +4,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import pytest
+
 from dalle_core.config import apply_overrides, from_dict, load_config, read_config_file, to_dict, write_config_file
 from dalle_core.errors import ConfigError
 

@@ -2,9 +2,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from PIL import Image
+
 from dalle_core.errors import ShapeError
 from dalle_core.images import from_pil, make_grid, save_image_grid, to_pil
-from PIL import Image
 
 
 def test_grid_places_each_image():

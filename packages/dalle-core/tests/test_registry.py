@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import pytest
+
 from dalle_core import registry
 from dalle_core.checkpoint import write_json
 from dalle_core.errors import CheckpointError, RegistryError

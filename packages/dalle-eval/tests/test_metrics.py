@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+
 from dalle_eval.metrics import psnr, reconstruction_metrics
 from dalle_vae import DiscreteVAE, DiscreteVAEConfig
 from dalle_vae.usage import codebook_usage

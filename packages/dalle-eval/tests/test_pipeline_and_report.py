@@ -5,6 +5,7 @@ import re
 
 import pytest
 import torch
+
 from dalle_core.errors import DalleError
 from dalle_eval.pipeline import SamplingOptions, generate, write_generation
 from dalle_eval.report import write_report

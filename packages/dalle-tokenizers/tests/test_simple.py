@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from dalle_core import registry
 from dalle_core.testing import TextTokenizerContract
 from dalle_tokenizers import SimpleTokenizer

@@ -3,6 +3,7 @@ from __future__ import annotations
 import math
 
 import pytest
+
 from dalle_core.errors import ConfigError
 from dalle_train.config import OptimizerConfig
 from dalle_train.schedules import gumbel_temperature, learning_rate

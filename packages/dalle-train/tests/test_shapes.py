@@ -7,6 +7,8 @@ import itertools
 import numpy as np
 import pytest
 import torch
+from PIL import Image, ImageFilter
+
 from dalle_core.errors import ConfigError, ShapeError
 from dalle_core.images import from_pil
 from dalle_train.datasets.shapes import (
@@ -26,7 +28,6 @@ from dalle_train.datasets.shapes import (
     score,
     split_specs,
 )
-from PIL import Image, ImageFilter
 
 ATTRIBUTES = ("colour", "shape", "size", "position")
 

@@ -6,6 +6,7 @@ import shutil
 import pytest
 import torch
 from conftest import TinyImages
+
 from dalle_core.checkpoint import load_weights
 from dalle_core.errors import ConfigError, VocabularyError
 from dalle_tokenizers import SimpleTokenizer

@@ -6,10 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
+
 from dalle_core import CheckpointError, ConfigError
 from dalle_core.checkpoint import CONFIG_FILE, WEIGHTS_FILE, read_json, write_json
 from dalle_transformer import DALLE, DALLEConfig
-from safetensors.torch import load_file, save_file
 
 CONFIG = DALLEConfig(
     num_text_tokens=10, text_seq_len=4, num_image_tokens=12, image_fmap_size=2, dim=16, depth=2, heads=2, dim_head=8

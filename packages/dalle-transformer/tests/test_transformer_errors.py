@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from dalle_core import ConfigError, ShapeError, VocabularyError
 from dalle_core.config import from_dict, to_dict
 from dalle_transformer import DALLE, DALLEConfig

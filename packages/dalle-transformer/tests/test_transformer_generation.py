@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from dalle_transformer import DALLE, DALLEConfig
 from dalle_transformer.sampling import filter_top_k, sample_logits
 

@@ -12,6 +12,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+
 from dalle_transformer import DALLE, DALLEConfig
 
 CONFIG = DALLEConfig(

@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 import torch
+
 from dalle_vae import DiscreteVAE, DiscreteVAEConfig
 
 TINY = DiscreteVAEConfig(

@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
+
 from dalle_core import CheckpointError, registry
 from dalle_core.checkpoint import load_weights, save_weights
 from dalle_vae import DiscreteVAE
-from safetensors.torch import load_file, save_file
 
 
 def _trained_a_little(make_model: Callable[..., DiscreteVAE], **overrides: object) -> DiscreteVAE:

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+
 from dalle_core import ConfigError
 from dalle_core.config import from_dict, to_dict
 from dalle_vae import DiscreteVAE, DiscreteVAEConfig

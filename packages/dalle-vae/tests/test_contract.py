@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from dalle_core import ImageTokenizer, ShapeError, VocabularyError
 from dalle_core.testing import ImageTokenizerContract
 from dalle_vae import DiscreteVAE, DiscreteVAEConfig

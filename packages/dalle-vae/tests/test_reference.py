@@ -8,6 +8,7 @@ from collections.abc import Callable
 import pytest
 import torch
 import torch.nn.functional as F
+
 from dalle_core import ConfigError
 from dalle_vae import DiscreteVAE, gumbel_sample, kl_to_uniform
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+
 from dalle_core.protocols import ImageTokenizer
 from dalle_train.dalle_trainer import validation_loss
 from dalle_train.tokenized import TokenData

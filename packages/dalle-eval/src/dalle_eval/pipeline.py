@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+
 from dalle_core.errors import DalleError
 from dalle_core.images import save_image_grid, to_pil
 from dalle_train.bundle import Bundle

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+
 from dalle_core.checkpoint import atomic_directory, read_json, write_json
 from dalle_core.errors import CheckpointError, ShapeError, TextTooLongError
 

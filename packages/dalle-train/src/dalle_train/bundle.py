@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from dalle_core import registry
 from dalle_core.checkpoint import atomic_directory, write_json
 from dalle_core.errors import CheckpointError, VocabularyError
@@ -111,6 +113,6 @@ def load_bundle(directory: str | Path) -> Bundle:
     image_tokenizer = registry.load_image_tokenizer(directory / IMAGE_TOKENIZER_DIR)
     check_compatible(model, text_tokenizer, image_tokenizer)
     model.eval()
-    if hasattr(image_tokenizer, "eval"):
-        image_tokenizer.eval()  # type: ignore[attr-defined]
+    if isinstance(image_tokenizer, torch.nn.Module):
+        image_tokenizer.eval()
     return Bundle(model, text_tokenizer, image_tokenizer)

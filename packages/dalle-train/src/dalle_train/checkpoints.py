@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from dalle_core.checkpoint import atomic_directory
 from dalle_core.errors import CheckpointError
 

@@ -7,18 +7,18 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+
 from dalle_core.checkpoint import load_weights
 from dalle_core.config import from_dict, to_dict
 from dalle_core.images import save_image_grid
 from dalle_core.protocols import ImageTokenizer, TextTokenizer
-from dalle_transformer import DALLE, DALLEConfig
-
 from dalle_train.bundle import check_compatible, write_bundle
 from dalle_train.checkpoints import MODEL_DIR, latest_checkpoint, load_training_state, save_checkpoint
 from dalle_train.config import DALLETrainConfig
 from dalle_train.progress import MetricsLog, console, make_progress
 from dalle_train.schedules import learning_rate
 from dalle_train.tokenized import TokenData
+from dalle_transformer import DALLE, DALLEConfig
 
 
 def build_model_config(

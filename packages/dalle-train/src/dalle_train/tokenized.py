@@ -6,10 +6,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from dalle_core.errors import DataError, ShapeError
-from dalle_core.protocols import ImageTokenizer, TextTokenizer
 from torch.utils.data import Dataset
 
+from dalle_core.errors import DataError, ShapeError
+from dalle_core.protocols import ImageTokenizer, TextTokenizer
 from dalle_train.progress import make_progress
 
 

@@ -5,17 +5,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from torch.utils.data import Dataset
+
 from dalle_core.checkpoint import load_weights
 from dalle_core.config import to_dict
 from dalle_core.images import save_image_grid
-from dalle_vae import DiscreteVAE
-from dalle_vae.usage import codebook_usage
-from torch.utils.data import Dataset
-
 from dalle_train.checkpoints import MODEL_DIR, latest_checkpoint, load_training_state, save_checkpoint
 from dalle_train.config import VAETrainConfig
 from dalle_train.progress import MetricsLog, console, make_progress
 from dalle_train.schedules import gumbel_temperature, learning_rate
+from dalle_vae import DiscreteVAE
+from dalle_vae.usage import codebook_usage
 
 
 def image_batch(dataset: Dataset, indices: torch.Tensor) -> torch.Tensor:

@@ -16,11 +16,11 @@ from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from dalle_core.checkpoint import CONFIG_FILE, atomic_directory, load_weights, read_json, save_weights
 from dalle_core.config import from_dict, to_dict
 from dalle_core.errors import CheckpointError, ConfigError, ShapeError, VocabularyError
-from torch import nn
-
 from dalle_transformer.attention import CausalSelfAttention
 from dalle_transformer.cache import KVCache
 from dalle_transformer.config import DALLEConfig
@@ -70,6 +70,11 @@ class Block(nn.Module):
 class DALLE(nn.Module):
     """Autoregressive transformer over text and image token ids (never over text or images themselves)."""
 
+    # Buffers, declared so type checkers know they are tensors (nn.Module.__getattr__ says Tensor | Module).
+    image_rows: torch.Tensor
+    image_cols: torch.Tensor
+    text_pad_ids: torch.Tensor
+
     def __init__(self, config: DALLEConfig) -> None:
         super().__init__()
         if not isinstance(config, DALLEConfig):
@@ -103,8 +108,11 @@ class DALLE(nn.Module):
         nn.init.normal_(self.bos, std=0.02)
         residual_std = 0.02 / (2 * self.config.depth) ** 0.5
         for block in self.blocks:
+            assert isinstance(block, Block)  # narrows ModuleList items for type checkers
+            last = block.ff.net[-1]
+            assert isinstance(last, nn.Linear)
             nn.init.normal_(block.attn.to_out.weight, std=residual_std)
-            nn.init.normal_(block.ff.net[-1].weight, std=residual_std)
+            nn.init.normal_(last.weight, std=residual_std)
 
     # ---------------------------------------------------------------- input checks
 

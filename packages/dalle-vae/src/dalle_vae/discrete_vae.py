@@ -6,11 +6,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from dalle_core.checkpoint import atomic_directory, load_weights, read_json, save_weights, write_json
 from dalle_core.errors import CheckpointError, ConfigError, ShapeError, VocabularyError
 from dalle_core.registry import SPEC_FILE
-from torch import nn
-
 from dalle_vae.config import DiscreteVAEConfig
 from dalle_vae.gumbel import gumbel_sample
 from dalle_vae.layers import build_decoder, build_encoder

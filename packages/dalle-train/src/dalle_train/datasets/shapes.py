@@ -37,8 +37,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from dalle_core.errors import ConfigError, ShapeError
 from PIL import Image, ImageDraw
+
+from dalle_core.errors import ConfigError, ShapeError
 
 __all__ = [
     "BACKGROUND",
