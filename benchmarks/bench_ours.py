@@ -1,0 +1,103 @@
+"""One measurement of our implementation, printed as a JSON line. Run by ``run.py`` in a fresh process each time,
+so the peak memory reported belongs to that measurement alone.
+
+    python benchmarks/bench_ours.py train S full
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import sys
+
+import torch
+from configs import CONFIGS, GENERATE_BATCH, NUM_IMAGE_TOKENS, NUM_TEXT_TOKENS, TRAIN_BATCH
+from timing import median_seconds, peak_rss_mib
+
+from dalle_transformer import DALLE, DALLEConfig
+from dalle_vae import DiscreteVAE, DiscreteVAEConfig
+
+
+def build(name: str, attention: str) -> DALLE:
+    config = dict(CONFIGS[name])
+    fields = {f for f in DALLEConfig.__dataclass_fields__}
+    options = {k: v for k, v in config.items() if k in fields}
+    if attention != "full":
+        if "attn_types" not in fields:
+            raise SystemExit(json.dumps({"skipped": f"attention type {attention} not implemented"}))
+        options["attn_types"] = (attention,)
+    return DALLE(DALLEConfig(num_text_tokens=NUM_TEXT_TOKENS, num_image_tokens=NUM_IMAGE_TOKENS, **options))
+
+
+def random_batch(config: dict, batch: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    text = torch.randint(1, NUM_TEXT_TOKENS, (batch, config["text_seq_len"]), generator=generator)
+    image = torch.randint(0, NUM_IMAGE_TOKENS, (batch, config["image_fmap_size"] ** 2), generator=generator)
+    return text, image
+
+
+def train(name: str, attention: str, repeats: int) -> dict:
+    config = CONFIGS[name]
+    model = build(name, attention).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    text, image = random_batch(config, TRAIN_BATCH)
+    before = peak_rss_mib()
+
+    def step() -> None:
+        loss = model.loss(text, image).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    seconds = median_seconds(step, repeats, warmup=2)
+    tokens = TRAIN_BATCH * (config["text_seq_len"] + config["image_fmap_size"] ** 2)
+    return {"seconds_per_step": seconds, "tokens_per_s": tokens / seconds, "peak_mib": peak_rss_mib() - before}
+
+
+def generate(name: str, attention: str, repeats: int, cond_scale: float) -> dict:
+    config = CONFIGS[name]
+    model = build(name, attention).eval()
+    text, _ = random_batch(config, GENERATE_BATCH)
+    options: dict = {"top_k": 512}
+    if cond_scale != 1.0:
+        if "cond_scale" not in inspect.signature(model.generate_image_ids).parameters:
+            raise SystemExit(json.dumps({"skipped": "guidance not implemented"}))
+        options["cond_scale"] = cond_scale
+
+    def run() -> None:
+        model.generate_image_ids(text, generator=torch.Generator().manual_seed(0), **options)
+
+    seconds = median_seconds(run, repeats, warmup=1)
+    tokens = GENERATE_BATCH * config["image_fmap_size"] ** 2
+    return {"seconds_per_batch": seconds, "image_tokens_per_s": tokens / seconds}
+
+
+def vae(name: str, repeats: int) -> dict:
+    fmap = CONFIGS[name]["image_fmap_size"]
+    model = DiscreteVAE(DiscreteVAEConfig(image_size=fmap * 8, num_layers=3, num_tokens=NUM_IMAGE_TOKENS)).eval()
+    images = torch.rand(16, 3, fmap * 8, fmap * 8)
+    ids = model.encode(images)
+    encode = median_seconds(lambda: model.encode(images), repeats)
+    decode = median_seconds(lambda: model.decode(ids), repeats)
+    return {"encode_images_per_s": 16 / encode, "decode_images_per_s": 16 / decode}
+
+
+def main(argv: list[str]) -> None:
+    what, name = argv[0], argv[1]
+    attention = argv[2] if len(argv) > 2 else "full"
+    torch.manual_seed(0)
+    if what == "train":
+        result = train(name, attention, repeats=5 if name == "S" else 3)
+    elif what == "generate":
+        result = generate(name, attention, repeats=3, cond_scale=1.0)
+    elif what == "generate_guided":
+        result = generate(name, attention, repeats=3, cond_scale=3.0)
+    elif what == "vae":
+        result = vae(name, repeats=5)
+    else:
+        raise SystemExit(f"unknown measurement {what!r}")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

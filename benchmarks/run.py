@@ -1,0 +1,149 @@
+"""Run the benchmark suite: every measurement in a fresh process, medians inside each, results as JSON and as a
+Markdown section appended to docs/benchmarks.md.
+
+    python benchmarks/run.py --ours PYTHON [--peer PYTHON] [--configs S M] [--attention full axial_row ...]
+
+``--ours`` / ``--peer`` name the interpreters of the two virtualenvs (ours has the workspace installed, the peer has
+dalle-pytorch 1.6.6), so both are measured on the same machine in the same run and ratios are meaningful.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from configs import ATTENTION_TYPES, CONFIGS, model_flops_per_training_token  # noqa: E402
+
+
+def measure(python: str, script: str, *args: str) -> dict:
+    result = subprocess.run([python, str(HERE / script), *args], capture_output=True, text=True, cwd=HERE, check=False)
+    lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
+    if result.returncode != 0 and not lines:
+        return {"error": (result.stderr.strip().splitlines() or ["failed"])[-1]}
+    return json.loads(lines[-1]) if lines else {"error": "no result"}
+
+
+def sgemm(python: str) -> float:
+    code = "import sys; sys.path.insert(0, sys.argv[1]); from timing import sgemm_flops; print(sgemm_flops())"
+    out = subprocess.run([python, "-c", code, str(HERE)], capture_output=True, text=True, check=True)
+    return float(out.stdout.strip())
+
+
+def machine(python: str) -> dict:
+    code = "import sys, json; sys.path.insert(0, sys.argv[1]); from timing import machine; print(json.dumps(machine()))"
+    out = subprocess.run([python, "-c", code, str(HERE)], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout)
+
+
+def fmt(value: object, digits: int = 0) -> str:
+    if isinstance(value, (int, float)):
+        return f"{value:,.{digits}f}"
+    return "n/a"
+
+
+def ratio(ours: dict, theirs: dict | None, key: str, invert: bool = False) -> str:
+    if not theirs or key not in ours or key not in theirs:
+        return "n/a"
+    value = theirs[key] / ours[key] if invert else ours[key] / theirs[key]
+    return f"{value:.2f}x"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--ours", required=True)
+    parser.add_argument("--peer")
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS))
+    parser.add_argument("--attention", nargs="+", default=list(ATTENTION_TYPES))
+    parser.add_argument("--output", default=str(HERE.parent / "docs" / "benchmarks.md"))
+    args = parser.parse_args()
+    # abspath, not resolve: a virtualenv's python is a symlink whose target is outside the virtualenv.
+    args.ours = os.path.abspath(args.ours)
+    args.peer = os.path.abspath(args.peer) if args.peer else None
+
+    results: dict = {"machine": machine(args.ours), "sgemm_flops": sgemm(args.ours), "runs": {}}
+    for name in args.configs:
+        for attention in args.attention:
+            key = f"{name}/{attention}"
+            entry: dict = {"ours": {}, "peer": {}}
+            entry["ours"]["train"] = measure(args.ours, "bench_ours.py", "train", name, attention)
+            entry["ours"]["generate"] = measure(args.ours, "bench_ours.py", "generate", name, attention)
+            entry["ours"]["generate_guided"] = measure(args.ours, "bench_ours.py", "generate_guided", name, attention)
+            if args.peer:
+                entry["peer"]["train"] = measure(args.peer, "bench_peer.py", "train", name, attention)
+                entry["peer"]["cached_loop"] = measure(args.peer, "bench_peer.py", "cached_loop", name, attention)
+                entry["peer"]["generate_images"] = measure(
+                    args.peer, "bench_peer.py", "generate_images", name, attention
+                )
+            results["runs"][key] = entry
+            print(key, json.dumps(entry), flush=True)
+        results["runs"][f"{name}/vae"] = {
+            "ours": measure(args.ours, "bench_ours.py", "vae", name),
+            "peer": measure(args.peer, "bench_peer.py", "vae", name) if args.peer else {},
+        }
+    (HERE / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    append_markdown(results, Path(args.output))
+
+
+def append_markdown(results: dict, path: Path) -> None:
+    info = results["machine"]
+    sgemm_flops = results["sgemm_flops"]
+    lines = [
+        f"\n## {info['date']}: {info['processor']}, {info['threads']} threads, torch {info['torch']}\n",
+        f"Machine: `{info['platform']}`; measured fp32 sgemm: {sgemm_flops / 1e9:.1f} GFLOP/s. Medians of repeated "
+        "runs, each measurement in a fresh process; ratios are ours / DALLE-pytorch 1.6.6 measured in the same run.\n",
+        "| config | attention | train tok/s (ours) | train tok/s (peer) | ratio | sgemm fraction | peak MiB ours/peer "
+        "| gen img-tok/s | guided | peer cached loop | peer generate_images | vs loop | vs generate_images |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    from configs import CONFIGS as configs
+
+    for key, entry in results["runs"].items():
+        name, attention = key.split("/")
+        if attention == "vae":
+            continue
+        ours, peer = entry["ours"], entry.get("peer") or {}
+        train, peer_train = ours.get("train", {}), peer.get("train")
+        fraction = "n/a"
+        if "tokens_per_s" in train and attention == "full":
+            flops = train["tokens_per_s"] * model_flops_per_training_token(configs[name])
+            fraction = f"{flops / sgemm_flops:.0%}"
+        memory = (
+            f"{train['peak_mib']:.0f} / {peer_train['peak_mib']:.0f}"
+            if peer_train and "peak_mib" in train and "peak_mib" in peer_train
+            else fmt(train.get("peak_mib"))
+        )
+        gen, guided = ours.get("generate", {}), ours.get("generate_guided", {})
+        loop, full = peer.get("cached_loop"), peer.get("generate_images")
+        lines.append(
+            f"| {name} | {attention} | {fmt(train.get('tokens_per_s'))} "
+            f"| {fmt((peer_train or {}).get('tokens_per_s'))} "
+            f"| {ratio(train, peer_train, 'tokens_per_s')} | {fraction} | {memory} "
+            f"| {fmt(gen.get('image_tokens_per_s'))} | {fmt(guided.get('image_tokens_per_s'))} "
+            f"| {fmt((loop or {}).get('image_tokens_per_s'))} | {fmt((full or {}).get('image_tokens_per_s'))} "
+            f"| {ratio(gen, loop, 'image_tokens_per_s')} | {ratio(gen, full, 'image_tokens_per_s')} |"
+        )
+    lines.append("\n| config | VAE encode img/s (ours / peer) | VAE decode img/s (ours / peer) |\n|---|---|---|")
+    for key, entry in results["runs"].items():
+        if key.endswith("/vae"):
+            ours, peer = entry["ours"], entry.get("peer") or {}
+            lines.append(
+                f"| {key.split('/')[0]} | {fmt(ours.get('encode_images_per_s'))} / "
+                f"{fmt(peer.get('encode_images_per_s'))} | {fmt(ours.get('decode_images_per_s'))} / "
+                f"{fmt(peer.get('decode_images_per_s'))} |"
+            )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists():
+        path.write_text("# Benchmarks\n\nAppended by `uvx nox -s bench` and `uvx nox -s bench_peer`; newest last.\n")
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,44 @@
+"""Timing helpers shared by both runners (imports torch only)."""
+
+from __future__ import annotations
+
+import platform
+import resource
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+
+def median_seconds(function: Callable[[], object], repeats: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        function()
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
+def peak_rss_mib() -> float:
+    """Peak resident set size of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def sgemm_flops(size: int = 1024, repeats: int = 10) -> float:
+    """Measured fp32 matrix-multiply throughput of this machine, FLOP/s (median of ``repeats``)."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    seconds = median_seconds(lambda: a @ b, repeats, warmup=3)
+    return 2 * size**3 / seconds
+
+
+def machine() -> dict:
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "date": time.strftime("%Y-%m-%d"),
+    }
