@@ -34,10 +34,26 @@ def package_tests(session: nox.Session, package: str) -> None:
     session.run(*PYTEST, f"packages/{package}/tests", *session.posargs)
 
 
+# Optional dependencies each package's tests exercise when installed (they skip cleanly without them).
+PACKAGE_EXTRAS = {
+    "dalle-tokenizers": ["hf", "yttm", "clip"],
+    "dalle-vae": ["dall-e", "taming"],
+}
+
+
+@nox.session(name="extras")
+@nox.parametrize("package", list(PACKAGE_EXTRAS), ids=list(PACKAGE_EXTRAS))
+def package_tests_with_extras(session: nox.Session, package: str) -> None:
+    """One package's tests with its optional extras installed (built from source where needed)."""
+    extras = [arg for extra in PACKAGE_EXTRAS[package] for arg in ("--extra", extra)]
+    sync(session, "--package", package, "--group", "test", *extras)
+    session.run(*PYTEST, f"packages/{package}/tests", *session.posargs)
+
+
 @nox.session
 def integration(session: nox.Session) -> None:
     """All packages together: the CLI and a tiny end-to-end run of the demo."""
-    sync(session, "--all-packages", "--group", "test")
+    sync(session, "--all-packages", "--group", "test", "--extra", "hf", "--extra", "yttm")
     session.run(*PYTEST, "tests", *session.posargs)
 
 

@@ -103,6 +103,16 @@ def generate(
     typer.echo(f"wrote {len(paths)} images and {output / 'grid.png'}")
 
 
+def _mount_subcommands() -> None:
+    from dalle import cli_checkpoint, cli_tokenizer
+
+    app.add_typer(cli_checkpoint.app, name="checkpoint")
+    app.add_typer(cli_tokenizer.app, name="tokenizer")
+
+
+_mount_subcommands()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: user errors become one line on stderr and exit code 2, never a traceback."""
     from dalle_core.errors import DalleError

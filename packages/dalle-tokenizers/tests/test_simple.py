@@ -54,3 +54,48 @@ def test_found_through_entry_point(tmp_path):
     loaded = registry.load_text_tokenizer(tmp_path / "tok")
     assert isinstance(loaded, SimpleTokenizer) and loaded.lowercase
     assert torch.equal(loaded.encode(["HI"], 4), torch.tensor([[ord("h") + 1, ord("i") + 1, 0, 0]]))
+
+
+class TestNonLatinScriptsContract(TextTokenizerContract):
+    # Arabic (right to left), Devanagari and Thai (combining marks), Hangul, Greek, Han, a ZWJ emoji sequence.
+    sample_texts = (
+        "دائرة حمراء",
+        "लाल गोला ऊपर",
+        "วงกลมสีแดง",
+        "빨간 원",
+        "κόκκινος κύκλος",
+        "红色的猫",
+        "👩‍🔬 at work",
+    )
+    context_length = 64
+
+    def make_text_tokenizer(self):
+        return SimpleTokenizer()
+
+
+@pytest.mark.parametrize("text", ["दाएँ", "วงกลม", "ÉCOLE", "e\u0301", "👩‍🔬"])
+def test_ids_of_any_script_are_its_utf8_bytes(text):
+    ids = SimpleTokenizer().encode([text], 32)[0]
+    expected = [byte + 1 for byte in text.encode("utf-8")]
+    assert ids[: len(expected)].tolist() == expected and bool((ids[len(expected) :] == 0).all())
+
+
+def test_lowercase_handles_non_latin_case():
+    tokenizer = SimpleTokenizer(lowercase=True)
+    assert tokenizer.decode(tokenizer.encode(["ΚΎΚΛΟΣ Привет"], 40)) == ["κύκλος привет"]
+
+
+def test_decode_rejects_ids_outside_the_vocabulary():
+    from dalle_core.errors import VocabularyError
+
+    with pytest.raises(VocabularyError, match="257"):
+        SimpleTokenizer().decode(torch.tensor([[5, 257]]))
+
+
+def test_spec_with_a_wrong_field_names_it(tmp_path):
+    from dalle_core.errors import CheckpointError
+
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / "spec.json").write_text('{"kind": "simple", "lowercase": "yes"}')
+    with pytest.raises(CheckpointError, match="lowercase: expected true or false"):
+        registry.load_text_tokenizer(tmp_path / "tok")

@@ -24,6 +24,7 @@ def test_defaults() -> None:
     assert (config.channels, config.num_resnet_blocks, config.temperature) == (3, 1, 0.9)
     assert (config.straight_through, config.kl_div_loss_weight, config.smooth_l1_loss) == (False, 0.0, False)
     assert config.normalization is None and config.fmap_size == 8
+    assert (config.reinmax, config.decoder_input_conv) == (False, True)
 
 
 @pytest.mark.parametrize(
@@ -48,6 +49,10 @@ def test_defaults() -> None:
         ({"normalization": ((0.5, 0.5), (0.5, 0.5))}, "normalization", "per channel (3)"),
         ({"normalization": ((0.5,) * 3, (0.5, 0.0, 0.5))}, "normalization", "> 0"),
         ({"normalization": ((0.5,) * 3, (0.5, float("nan"), 0.5))}, "normalization", "finite"),
+        ({"reinmax": True}, "reinmax", "straight_through=true"),
+        ({"reinmax": 1, "straight_through": True}, "reinmax", "true or false"),
+        ({"decoder_input_conv": False, "num_resnet_blocks": 1}, "decoder_input_conv", "num_resnet_blocks=0"),
+        ({"decoder_input_conv": "no"}, "decoder_input_conv", "true or false"),
     ],
 )
 def test_invalid_values_raise_one_line_naming_the_field(overrides: dict, field: str, detail: str) -> None:
@@ -111,3 +116,23 @@ def test_architecture_shapes(num_layers: int, num_resnet_blocks: int, channels: 
     transposed = [m for m in model.decoder if isinstance(m, torch.nn.ConvTranspose2d)]
     assert len(strided) == len(transposed) == num_layers
     assert not any(isinstance(m, (torch.nn.Dropout, torch.nn.modules.batchnorm._BatchNorm)) for m in model.modules())
+
+
+@pytest.mark.parametrize("decoder_input_conv", [True, False])
+def test_decoder_input_conv_layout(decoder_input_conv: bool) -> None:
+    config = DiscreteVAEConfig(
+        image_size=16,
+        num_tokens=8,
+        codebook_dim=6,
+        hidden_dim=10,
+        num_resnet_blocks=0,
+        decoder_input_conv=decoder_input_conv,
+    )
+    first = DiscreteVAE(config).decoder[0]
+    if decoder_input_conv:
+        assert isinstance(first, torch.nn.Conv2d) and first.kernel_size == (1, 1)
+        assert (first.in_channels, first.out_channels) == (6, 10)
+    else:  # the first transposed conv reads the codebook vectors directly, as in DALLE-pytorch without resnet blocks
+        assert isinstance(first, torch.nn.ConvTranspose2d) and (first.in_channels, first.out_channels) == (6, 10)
+    model = DiscreteVAE(config)
+    assert model.decode(torch.zeros(2, 16, dtype=torch.long)).shape == (2, 3, 16, 16)

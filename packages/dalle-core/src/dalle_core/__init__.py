@@ -11,7 +11,6 @@ from dalle_core.errors import (
     TextTooLongError,
     VocabularyError,
 )
-from dalle_core.protocols import ImageTokenizer, TextTokenizer
 
 __all__ = [
     "CheckpointError",
@@ -27,3 +26,12 @@ __all__ = [
     "VocabularyError",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> object:
+    # The protocols import torch; loading them lazily keeps `import dalle_core.errors` (and `dalle --help`) fast.
+    if name in ("ImageTokenizer", "TextTokenizer"):
+        from dalle_core import protocols
+
+        return getattr(protocols, name)
+    raise AttributeError(f"module 'dalle_core' has no attribute {name!r}")

@@ -56,8 +56,16 @@ def _normalization(value: Any, channels: int) -> Normalization | None:
 class DiscreteVAEConfig:
     """Shape and training hyperparameters of a Gumbel-softmax discrete VAE.
 
-    ``normalization`` is ``((mean per channel), (std per channel))`` applied to ``[0, 1]`` inputs before the encoder;
-    the decoder is trained to output the normalized image and ``decode`` undoes it. ``None`` means no normalization.
+    Every DALLE-pytorch ``DiscreteVAE`` option has a field of the same name and meaning (see
+    :mod:`dalle_vae.dalle_pytorch` for importing its ``vae.pt`` files), plus ``decoder_input_conv``.
+
+    - ``normalization`` is ``((mean per channel), (std per channel))`` applied to ``[0, 1]`` inputs before the encoder;
+      the decoder is trained to output the normalized image and ``decode`` undoes it. ``None`` means none.
+    - ``straight_through``: feed exact one-hot codes to the decoder, with the soft sample's gradients.
+    - ``reinmax`` (needs ``straight_through``): ReinMax's second-order gradient estimate instead of straight-through.
+    - ``decoder_input_conv``: start the decoder with a 1x1 conv from ``codebook_dim`` to ``hidden_dim``. DALLE-pytorch
+      has that conv only when ``num_resnet_blocks > 0`` (without resnet blocks its first transposed conv reads the
+      codebook vectors directly); ``False`` reproduces that layout and needs ``num_resnet_blocks == 0``.
     """
 
     image_size: int = 32
@@ -69,9 +77,11 @@ class DiscreteVAEConfig:
     num_resnet_blocks: int = 1
     temperature: float = 0.9
     straight_through: bool = False
+    reinmax: bool = False
     kl_div_loss_weight: float = 0.0
     smooth_l1_loss: bool = False
     normalization: Normalization | None = None
+    decoder_input_conv: bool = True
 
     def __post_init__(self) -> None:
         _check_int("image_size", self.image_size, 1)
@@ -85,6 +95,15 @@ class DiscreteVAEConfig:
         _check_float("kl_div_loss_weight", self.kl_div_loss_weight, positive=False)
         _check_bool("straight_through", self.straight_through)
         _check_bool("smooth_l1_loss", self.smooth_l1_loss)
+        _check_bool("reinmax", self.reinmax)
+        _check_bool("decoder_input_conv", self.decoder_input_conv)
+        if self.reinmax and not self.straight_through:
+            raise ConfigError("reinmax needs straight_through=true (it refines the straight-through gradient)")
+        if not self.decoder_input_conv and self.num_resnet_blocks > 0:
+            raise ConfigError(
+                f"decoder_input_conv=false needs num_resnet_blocks=0 (resnet blocks work on hidden_dim channels), "
+                f"got num_resnet_blocks={self.num_resnet_blocks}"
+            )
         factor = 2**self.num_layers
         if self.image_size % factor != 0:
             raise ConfigError(

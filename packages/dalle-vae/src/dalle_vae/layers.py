@@ -38,10 +38,19 @@ def build_encoder(config: DiscreteVAEConfig) -> nn.Sequential:
 
 
 def build_decoder(config: DiscreteVAEConfig) -> nn.Sequential:
-    """Codebook vectors ``[B, codebook_dim, f, f]`` -> images ``[B, channels, f * 2**num_layers, ...]`` (normalized)."""
-    layers: list[nn.Module] = [nn.Conv2d(config.codebook_dim, config.hidden_dim, 1)]
+    """Codebook vectors ``[B, codebook_dim, f, f]`` -> images ``[B, channels, f * 2**num_layers, ...]`` (normalized).
+
+    Without ``decoder_input_conv`` (DALLE-pytorch's layout when it has no resnet blocks) the first transposed conv
+    reads the ``codebook_dim`` channels directly.
+    """
+    layers: list[nn.Module] = []
+    in_channels = config.codebook_dim
+    if config.decoder_input_conv:
+        layers.append(nn.Conv2d(config.codebook_dim, config.hidden_dim, 1))
+        in_channels = config.hidden_dim
     layers += [ResBlock(config.hidden_dim) for _ in range(config.num_resnet_blocks)]
     for _ in range(config.num_layers):
-        layers += [nn.ConvTranspose2d(config.hidden_dim, config.hidden_dim, 4, stride=2, padding=1), nn.ReLU()]
+        layers += [nn.ConvTranspose2d(in_channels, config.hidden_dim, 4, stride=2, padding=1), nn.ReLU()]
+        in_channels = config.hidden_dim
     layers.append(nn.Conv2d(config.hidden_dim, config.channels, 1))
     return nn.Sequential(*layers)

@@ -1,0 +1,30 @@
+from __future__ import annotations
+
+import pytest
+
+from dalle_core.errors import ConfigError, MissingExtraError, RegistryError
+from dalle_tokenizers import SimpleTokenizer, build_text_tokenizer
+from dalle_tokenizers.extras import require
+
+
+def test_simple_with_options():
+    tokenizer = build_text_tokenizer("simple", lowercase=True)
+    assert isinstance(tokenizer, SimpleTokenizer) and tokenizer.lowercase
+
+
+def test_errors_name_the_problem(tmp_path):
+    with pytest.raises(ConfigError, match="path: a 'hf' text tokenizer needs a tokenizer.json, got none"):
+        build_text_tokenizer("hf")
+    with pytest.raises(ConfigError, match="needs a YouTokenToMe .model file"):
+        build_text_tokenizer("yttm")
+    with pytest.raises(ConfigError, match="'simple' text tokenizer takes no file"):
+        build_text_tokenizer("simple", tmp_path)
+    with pytest.raises(ConfigError, match="simple text tokenizer: .*no_such_option"):
+        build_text_tokenizer("simple", no_such_option=1)
+    with pytest.raises(RegistryError, match="no dalle.text_tokenizers entry named 'sentencepiece'"):
+        build_text_tokenizer("sentencepiece")
+
+
+def test_missing_extra_names_the_install_command():
+    with pytest.raises(MissingExtraError, match=r"uv pip install 'dalle-tokenizers\[hf\]'"):
+        require("a_module_that_is_not_installed", "hf")
