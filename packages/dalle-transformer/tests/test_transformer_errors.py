@@ -135,3 +135,82 @@ def test_config_properties_and_dict_roundtrip() -> None:
     with pytest.raises(ConfigError) as error:
         from_dict(DALLEConfig, {**to_dict(CONFIG), "dimm": 3})
     check(error, "dimm")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "needles"),
+    [
+        ({"top_p": 0.0}, ["top_p", "(0, 1]"]),
+        ({"top_p": 1.5}, ["top_p", "1.5"]),
+        ({"top_k": 3, "top_k_fraction": 0.5}, ["top_k", "top_k_fraction"]),
+        ({"top_k_fraction": 0.0}, ["top_k_fraction", "(0, 1]"]),
+        ({"cond_scale": -1.0}, ["cond_scale", ">= 0"]),
+        ({"cond_scale": float("nan")}, ["cond_scale"]),
+        ({"callback_every": 0}, ["callback_every"]),
+        ({"callback": 3}, ["callback"]),
+        ({"num_init_img_tokens": 2}, ["num_init_img_tokens", "init_image_ids"]),
+        (
+            {"init_image_ids": torch.zeros(1, 9, dtype=torch.long), "num_init_img_tokens": 9},
+            ["num_init_img_tokens", "[0, 8]"],
+        ),
+        (
+            {"init_image_ids": torch.zeros(1, 4, dtype=torch.long), "num_init_img_tokens": 5},
+            ["num_init_img_tokens", "[0, 4]"],
+        ),
+        ({"temperature": float("inf")}, ["temperature"]),
+    ],
+)
+def test_generation_options_are_checked(model: DALLE, kwargs: dict, needles: list[str]) -> None:
+    text, _ = good_inputs()
+    with pytest.raises(ConfigError) as error:
+        model.generate_image_ids(text, **kwargs)
+    check(error, *needles)
+
+
+def test_priming_ids_are_checked(model: DALLE) -> None:
+    text, _ = good_inputs()
+    for init, error_type, needles in [
+        (torch.full((1, 9), 19), VocabularyError, ["num_image_tokens", "19"]),
+        (torch.full((1, 3), -2), VocabularyError, ["num_image_tokens", "-2"]),
+        (torch.zeros(1, 10, dtype=torch.long), ShapeError, ["image_seq_len=9", "[1, 10]"]),
+        (torch.zeros(2, 4, dtype=torch.long), ShapeError, ["[1, <= image_seq_len=9]", "[2, 4]"]),
+        (torch.zeros(1, 4), ShapeError, ["init_image_ids", "float32"]),
+    ]:
+        with pytest.raises(error_type) as error:
+            model.generate_image_ids(text, init_image_ids=init)
+        check(error, *needles)
+    cache = model.new_cache(1)
+    with pytest.raises(ShapeError) as error:
+        model.prefill(text, cache, image_prefix=torch.zeros(1, 9, dtype=torch.long))
+    check(error, "image_seq_len=9", "9")
+
+
+def test_text_completion_inputs_are_checked(model: DALLE) -> None:
+    with pytest.raises(VocabularyError) as error:
+        model.generate_text_ids(torch.tensor([[1, 40]]))
+    check(error, "num_text_tokens", "40")
+    with pytest.raises(ShapeError) as error:
+        model.generate_text_ids(torch.ones(1, 7, dtype=torch.long))
+    check(error, "text_seq_len=6", "7")
+    with pytest.raises(ConfigError) as error:
+        model.generate_text_ids(torch.ones(1, 2, dtype=torch.long), top_k=30)
+    check(error, "top_k", "29")  # the text vocabulary with its per-position padding tokens
+
+
+def test_attention_backend_is_checked(model: DALLE) -> None:
+    with pytest.raises(ConfigError) as error:
+        model.set_attention_backend("fast")
+    check(error, "backend", "fast")
+
+
+def test_row_generators_are_checked(model: DALLE) -> None:
+    text, _ = good_inputs()
+    g = torch.Generator()
+    for kwargs, needle in [
+        ({"row_generators": [g, g]}, "one generator per row (1), got 2"),
+        ({"row_generators": [g], "generator": g}, "at most one"),
+        ({"row_generators": [3]}, "torch.Generator"),
+    ]:
+        with pytest.raises(ConfigError) as error:
+            model.generate_image_ids(text, **kwargs)
+        check(error, "row_generators", needle)

@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 from dalle_transformer import DALLE, DALLEConfig
-from dalle_transformer.sampling import filter_top_k, sample_logits
+from dalle_transformer.generation import Sampler, sample_image_ids
+from dalle_transformer.sampling import (
+    filter_top_k,
+    filter_top_p,
+    resolve_top_k,
+    sample_logits,
+    top_k_from_filter_thres,
+)
 
 CONFIG = DALLEConfig(
     num_text_tokens=11,
@@ -131,3 +140,216 @@ def test_cuda_with_cpu_generator_matches_cpu() -> None:
         )
         assert ids.device.type == "cuda"
         assert torch.equal(ids.cpu(), expected)
+
+
+# ---------------------------------------------------------------- attention types, guidance, priming, previews
+
+TYPED = DALLEConfig(
+    num_text_tokens=11,
+    text_seq_len=5,
+    num_image_tokens=17,
+    image_fmap_size=4,
+    dim=24,
+    depth=4,
+    heads=2,
+    dim_head=12,
+    conv_kernel_size=3,
+    sparse_block_size=3,
+    sparse_local_blocks=2,
+    sparse_stride=2,
+    rotary_emb=True,
+    shift_tokens=True,
+)
+ATTN_STACKS = [
+    ("full",),
+    ("axial_row",),
+    ("axial_col",),
+    ("conv_like",),
+    ("sparse",),
+    ("full", "axial_row", "axial_col", "conv_like"),
+]
+
+
+def typed_model(attn_types: tuple[str, ...] = ("full", "axial_row", "axial_col", "conv_like"), **options) -> DALLE:
+    config = dataclasses.replace(TYPED, attn_types=attn_types, **options)
+    torch.manual_seed(0)
+    model = DALLE(config).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.normal_(0.0, 0.3)
+    return model
+
+
+@pytest.mark.parametrize("attn_types", ATTN_STACKS, ids="+".join)
+@pytest.mark.parametrize("cond_scale", [1.0, 3.0])
+def test_cached_equals_uncached_for_every_attention_type(attn_types: tuple[str, ...], cond_scale: float) -> None:
+    model = typed_model(attn_types)
+    for seed in range(2):
+        kwargs = {"cond_scale": cond_scale, "top_k": 8, "temperature": 0.9}
+        cached = generate(model, seed, use_cache=True, **kwargs)
+        uncached = generate(model, seed, use_cache=False, **kwargs)
+        assert torch.equal(cached, uncached), f"seed {seed}"
+
+
+def test_guidance_combines_conditional_and_null_logits() -> None:
+    model = typed_model()
+    scale = 2.5
+    ids = model.generate_image_ids(TEXT, cond_scale=scale, top_k=1)
+    # Independent reference: greedy decoding on null + (cond - null) * scale, from separate uncached forwards.
+    null_text = torch.zeros_like(TEXT)
+    expected = torch.zeros(3, 0, dtype=torch.long)
+    with torch.no_grad():
+        for _ in range(TYPED.image_seq_len):
+            cond = model.next_image_logits(TEXT, expected)
+            null = model.next_image_logits(null_text, expected)
+            guided = null + (cond - null) * scale
+            expected = torch.cat([expected, guided.argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(ids, expected)
+    assert not torch.equal(ids, model.generate_image_ids(TEXT, top_k=1))  # guidance changes the images
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_guidance_at_scale_one_equals_conditional_sampling(use_cache: bool) -> None:
+    model = typed_model()
+    text = model.prepare_text(TEXT)
+    for seed in range(3):
+        plain = generate(model, seed, top_p=0.9, use_cache=use_cache)
+        sampler = Sampler(1.0, None, 0.9, torch.Generator().manual_seed(seed))
+        with torch.inference_mode():
+            batched = sample_image_ids(model, text, text.new_zeros(3, 0), sampler, 1.0, use_cache, null_rows=True)
+        assert torch.equal(batched, plain), f"seed {seed}"
+
+
+def test_caller_tensors_are_never_modified() -> None:
+    model = typed_model()
+    text, init = TEXT.clone(), torch.randint(0, 17, (3, 16), generator=torch.Generator().manual_seed(0))
+    init_copy = init.clone()
+    for use_cache in (True, False):
+        model.generate_image_ids(text, cond_scale=3.0, init_image_ids=init, num_init_img_tokens=5, use_cache=use_cache)
+        model.generate_text_ids(text[:, :2], use_cache=use_cache)
+    assert torch.equal(text, TEXT) and torch.equal(init, init_copy)
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_priming_keeps_the_given_prefix(use_cache: bool) -> None:
+    model = typed_model()
+    init = torch.randint(0, 17, (3, 16), generator=torch.Generator().manual_seed(4))
+    ids = model.generate_image_ids(TEXT, init_image_ids=init, num_init_img_tokens=6, use_cache=use_cache,
+                                   generator=torch.Generator().manual_seed(0))  # fmt: skip
+    assert torch.equal(ids[:, :6], init[:, :6])
+    assert not torch.equal(ids[:, 6:], init[:, 6:])
+    other = model.generate_image_ids(TEXT, init_image_ids=init[:, :6], use_cache=not use_cache,
+                                     generator=torch.Generator().manual_seed(0))  # fmt: skip
+    assert torch.equal(ids, other)  # a 6-token prefix keeps all 6; cached == uncached
+    whole = model.generate_image_ids(TEXT, init_image_ids=init, use_cache=use_cache)
+    assert torch.equal(whole[:, :7], init[:, :7])  # default: int(0.4375 * 16) = 7 tokens
+    greedy = model.generate_image_ids(TEXT, init_image_ids=init, num_init_img_tokens=6, top_k=1)
+    expected = init[:, :6]
+    with torch.no_grad():
+        for _ in range(6, 16):
+            expected = torch.cat([expected, model.next_image_logits(TEXT, expected).argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(greedy, expected)
+
+
+def test_callback_previews() -> None:
+    model = typed_model()
+    calls = []
+
+    def preview(step: int, ids: torch.Tensor) -> None:
+        calls.append((step, ids.clone()))
+        ids.fill_(0)  # a copy: scribbling on it changes nothing
+
+    init = torch.randint(0, 17, (3, 16), generator=torch.Generator().manual_seed(4))
+    ids = model.generate_image_ids(TEXT, init_image_ids=init, num_init_img_tokens=3, callback=preview,
+                                   callback_every=5, generator=torch.Generator().manual_seed(0))  # fmt: skip
+    assert [step for step, _ in calls] == [8, 13, 16]
+    for step, seen in calls:
+        assert torch.equal(seen, ids[:, :step])
+    assert torch.equal(ids, model.generate_image_ids(TEXT, init_image_ids=init, num_init_img_tokens=3,
+                                                     generator=torch.Generator().manual_seed(0)))  # fmt: skip
+
+
+def naive_top_p(logits: list[float], top_p: float) -> set[int]:
+    probs = torch.softmax(torch.tensor(logits, dtype=torch.float64), dim=0).tolist()
+    order = sorted(range(len(probs)), key=lambda i: -probs[i])
+    kept, mass = [], 0.0
+    for i in order:
+        if mass >= top_p:
+            break
+        kept.append(i)
+        mass += probs[i]
+    smallest = min(probs[i] for i in kept)
+    return {i for i, p in enumerate(probs) if p >= smallest}  # ties with the last kept are kept
+
+
+def test_top_p_against_naive_reference() -> None:
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(50, 12, generator=generator, dtype=torch.float64)
+    logits[0] = torch.tensor([2.0, 2.0, 2.0, 1.0, 0.0, 0.0, -1.0, -2.0, -3.0, -3.0, -4.0, -5.0], dtype=torch.float64)
+    for top_p in (0.05, 0.3, 0.5, 0.9, 0.999):
+        filtered = filter_top_p(logits, top_p)
+        for row in range(logits.shape[0]):
+            kept = set(torch.isfinite(filtered[row]).nonzero().flatten().tolist())
+            assert kept == naive_top_p(logits[row].tolist(), top_p), (top_p, row)
+    assert torch.equal(filter_top_p(logits, 1.0), logits) and torch.equal(filter_top_p(logits, None), logits)
+    draws = torch.stack([sample_logits(logits[:2], top_p=0.5, generator=generator) for _ in range(300)])
+    assert set(draws[:, 0].tolist()) == naive_top_p(logits[0].tolist(), 0.5) == {0, 1, 2}
+    assert set(draws[:, 1].tolist()) == naive_top_p(logits[1].tolist(), 0.5)
+
+
+def test_top_k_fraction_counts_the_image_vocabulary() -> None:
+    assert resolve_top_k(None, 0.25, 17) == 4 and resolve_top_k(None, 0.01, 17) == 1 and resolve_top_k(3, None, 17) == 3
+    assert top_k_from_filter_thres(0.9, 1000) == 99  # DALLE-pytorch's own rounding of (1 - 0.9) * 1000
+    assert top_k_from_filter_thres(0.5, 17) == 8
+    model = typed_model()
+    assert torch.equal(generate(model, 2, top_k_fraction=0.25), generate(model, 2, top_k=4))
+
+
+def test_generate_text_ids() -> None:
+    model = typed_model()
+    prefix = torch.tensor([[3, 4], [9, 0], [1, 2]])  # the second row already ends with padding
+    for seed in range(3):
+        cached = model.generate_text_ids(prefix, generator=torch.Generator().manual_seed(seed))
+        uncached = model.generate_text_ids(prefix, use_cache=False, generator=torch.Generator().manual_seed(seed))
+        assert torch.equal(cached, uncached)
+        assert cached.shape == (3, TYPED.text_seq_len) and cached.dtype == torch.int64
+        assert torch.equal(cached[:, :2], prefix) and bool((cached[1, 1:] == 0).all())
+        assert int(cached.min()) >= 0 and int(cached.max()) < TYPED.num_text_tokens
+    # Greedy completion is the arg-max of the text logits, one token at a time.
+    greedy = model.generate_text_ids(prefix[:1], top_k=1)
+    expected = prefix[:1]
+    with torch.no_grad():
+        for i in range(2, TYPED.text_seq_len):
+            prepared = model.prepare_text(expected)[:, :i]
+            hidden = model._transform(model._embed_prefix(prepared))
+            expected = torch.cat([expected, model._text_logits(hidden[:, -1]).argmax(-1, keepdim=True)], dim=1)
+    expected = torch.where(expected >= TYPED.num_text_tokens, 0, expected)
+    # After the first padding everything is padding.
+    first_pad = (expected[0] == 0).nonzero()
+    if len(first_pad):
+        expected[0, int(first_pad[0]) :] = 0
+    assert torch.equal(greedy, expected)
+
+
+def test_generate_text_ids_stops_at_padding() -> None:
+    model = typed_model()
+    with torch.no_grad():
+        model.to_logits.bias[TYPED.num_text_tokens + 3] = 100.0  # position 3's padding token is overwhelmingly likely
+    ids = model.generate_text_ids(torch.tensor([[5], [6]]), generator=torch.Generator().manual_seed(0))
+    assert ids[:, 0].tolist() == [5, 6] and bool((ids[:, 1:] == 0).all())
+    empty = model.generate_text_ids(torch.zeros(2, 0, dtype=torch.long))
+    assert empty.shape == (2, TYPED.text_seq_len) and bool((empty == 0).all())
+
+
+def test_row_generators_make_each_row_independent_of_the_batch() -> None:
+    model = typed_model()
+    seeds = [7, 8, 9]
+    for use_cache in (True, False):
+        batched = model.generate_image_ids(
+            TEXT, row_generators=[torch.Generator().manual_seed(s) for s in seeds], cond_scale=2.0, use_cache=use_cache
+        )
+        for row, seed in enumerate(seeds):
+            alone = model.generate_image_ids(
+                TEXT[row : row + 1], generator=torch.Generator().manual_seed(seed), cond_scale=2.0, use_cache=use_cache
+            )
+            assert torch.equal(batched[row : row + 1], alone)

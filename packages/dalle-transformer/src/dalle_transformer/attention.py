@@ -1,30 +1,48 @@
-"""Causal multi-head self-attention on ``scaled_dot_product_attention``, with a KV-cached incremental path."""
+"""Multi-head self-attention whose pattern (full, axial, conv-like, sparse) is given per call.
+
+The module only holds the projections, so layers that share weights (``shared_attn_ids``) may still differ in
+pattern. Which computation runs is chosen per pass: without a cache (or when filling an empty one) the whole
+sequence goes through the backend (``dense`` reference, ``efficient``, ``flex`` or ``auto``); after that, one new
+query at a time attends to the keys its mask row allows, gathered from the cache.
+"""
 
 from __future__ import annotations
 
+import warnings
+from dataclasses import dataclass
+
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dalle_transformer.cache import KVCache
+from dalle_transformer.kernels import (
+    attend_decode,
+    attend_dense,
+    attend_efficient,
+    attend_flex,
+    attend_rows,
+    flex_available,
+)
+from dalle_transformer.masks import AttentionPattern
+from dalle_transformer.rotary import rotate
+from dalle_transformer.shift import TokenShift
+
+ATTENTION_BACKENDS = ("auto", "dense", "efficient", "flex")
 
 
-def causal_mask(query_len: int, key_len: int, device: torch.device | None = None) -> torch.Tensor:
-    """Boolean ``[query_len, key_len]`` mask (True = may attend) for queries that are the last ``query_len`` keys."""
-    offset = key_len - query_len
-    rows = torch.arange(query_len, device=device)[:, None]
-    cols = torch.arange(key_len, device=device)[None, :]
-    return cols <= rows + offset
+@dataclass
+class PassContext:
+    """What every layer of one forward pass over positions ``start..start+n`` shares."""
+
+    start: int = 0
+    cache: KVCache | None = None
+    backend: str = "auto"
+    rotary: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, sin of positions start..start+n
+    shift: TokenShift | None = None
+    stable: bool = False
 
 
-class CausalSelfAttention(nn.Module):
-    """Full causal attention: position ``i`` attends to positions ``0..i``.
-
-    Without a cache the whole sequence is attended with ``is_causal=True``. With a :class:`KVCache`, the new
-    positions' keys and values are written at ``cache.length`` (layer ``layer_index``) and the queries attend to
-    every cached position up to and including their own.
-    """
-
+class Attention(nn.Module):
     def __init__(self, dim: int, heads: int, dim_head: int, dropout: float = 0.0) -> None:
         super().__init__()
         self.heads = heads
@@ -34,17 +52,56 @@ class CausalSelfAttention(nn.Module):
         self.to_qkv = nn.Linear(dim, 3 * inner, bias=False)
         self.to_out = nn.Linear(inner, dim)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer_index: int = 0) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, pattern: AttentionPattern, context: PassContext, layer_index: int
+    ) -> torch.Tensor:
         batch, n, _ = x.shape
         q, k, v = self.to_qkv(x).view(batch, n, 3, self.heads, self.dim_head).permute(2, 0, 3, 1, 4).unbind(0)
+        if context.rotary is not None:
+            cos, sin = context.rotary
+            q, k, v = rotate(q, cos, sin), rotate(k, cos, sin), rotate(v, cos, sin)
         dropout_p = self.dropout if self.training else 0.0
-        if cache is None or cache.length == 0:
-            if cache is not None:
-                cache.write(layer_index, k, v)
-            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
-        else:
+        cache = context.cache
+        if cache is not None:
             keys, values = cache.write(layer_index, k, v)
-            # One new query sees every cached position: no mask needed. Several new queries need a shifted causal mask.
-            mask = None if n == 1 else causal_mask(n, keys.shape[-2], device=x.device)
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, dropout_p=dropout_p)
+        if cache is None or context.start == 0:
+            out = self._whole_sequence(q, k, v, pattern, context, dropout_p)
+        elif n == 1:
+            out = attend_decode(q, keys, values, pattern, context.start)
+        else:
+            out = attend_rows(q, keys, values, pattern, context.start, dropout_p)
         return self.to_out(out.transpose(1, 2).reshape(batch, n, self.heads * self.dim_head))
+
+    @staticmethod
+    def _whole_sequence(
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        pattern: AttentionPattern,
+        context: PassContext,
+        dropout_p: float,
+    ) -> torch.Tensor:
+        backend = context.backend
+        if backend == "dense":
+            return attend_dense(q, k, v, pattern, dropout_p)
+        # FlexAttention has no dropout, and no backward on CPU: there the efficient path runs instead.
+        use_flex = backend == "flex" or (backend == "auto" and q.is_cuda and pattern.kind != "full" and _flex_works[0])
+        if use_flex and dropout_p == 0.0 and (q.is_cuda or not q.requires_grad) and flex_available():
+            if backend == "flex":
+                return attend_flex(q, k, v, pattern)
+            try:
+                return attend_flex(q, k, v, pattern)
+            except Exception as error:  # any compile failure: auto falls back, once, loudly
+                _flex_works[0] = False
+                first_line = str(error).splitlines()[0] if str(error) else ""
+                warnings.warn(
+                    f"FlexAttention failed ({type(error).__name__}: {first_line}); "
+                    "the auto attention backend uses the efficient path from now on",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+        return attend_efficient(q, k, v, pattern, dropout_p, context.stable)
+
+
+# Whether the auto backend may still try FlexAttention in this process (a failed torch.compile turns it off).
+_flex_works = [True]

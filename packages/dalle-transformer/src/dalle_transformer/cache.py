@@ -1,4 +1,10 @@
-"""A static key/value cache for incremental decoding: allocated once for the whole sequence."""
+"""A static inference cache for incremental decoding: allocated once for the whole sequence.
+
+It holds every layer's (rotated) keys and values, and, for token shifting, the shifted channels of each branch's
+normalised input (a token's shift reads its left and top neighbours, so those must be kept too). Which keys a new
+query reads is the layer's attention pattern's business (:func:`dalle_transformer.plans.decode_keys`): the cache
+stores positions, the pattern decides.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +18,9 @@ class KVCache:
 
     ``length`` counts the positions already written. During one forward pass each attention layer calls
     :meth:`write` (which stores at ``length`` and returns the keys/values up to the new end), and the model calls
-    :meth:`advance` once after the last layer, so every layer of that pass sees the same start.
+    :meth:`advance` once after the last layer, so every layer of that pass sees the same start. With
+    ``shift_width > 0`` it also keeps ``[layers, 2 branches, batch, max_len + 1, shift_width]`` shift inputs (row 0
+    stays zero: what a token past the sequence's start reads).
     """
 
     def __init__(
@@ -23,12 +31,18 @@ class KVCache:
         max_len: int,
         dim_head: int,
         *,
+        shift_width: int = 0,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
     ) -> None:
         shape = (num_layers, batch_size, heads, max_len, dim_head)
         self.keys = torch.zeros(shape, dtype=dtype, device=device)
         self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.shift_inputs = (
+            torch.zeros(num_layers, 2, batch_size, max_len + 1, shift_width, dtype=dtype, device=device)
+            if shift_width > 0
+            else None
+        )
         self.length = 0
 
     @property
@@ -39,17 +53,31 @@ class KVCache:
     def batch_size(self) -> int:
         return self.keys.shape[1]
 
+    def _end(self, n: int) -> int:
+        end = self.length + n
+        if end > self.max_len:
+            raise ShapeError(f"KV cache holds at most {self.max_len} positions, asked to write up to position {end}")
+        return end
+
     def write(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store ``keys``/``values`` (``[batch, heads, n, dim_head]``) of ``layer`` at positions ``length..length+n``.
 
         Returns views of that layer's keys and values over positions ``0..length+n``.
         """
-        end = self.length + keys.shape[-2]
-        if end > self.max_len:
-            raise ShapeError(f"KV cache holds at most {self.max_len} positions, asked to write up to position {end}")
+        end = self._end(keys.shape[-2])
         self.keys[layer, :, :, self.length : end] = keys
         self.values[layer, :, :, self.length : end] = values
         return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+
+    def write_shift_input(self, layer: int, branch: int, x: torch.Tensor) -> torch.Tensor:
+        """Store the shifted channels of ``x`` (``[batch, n, >= shift_width]``) for ``layer``'s ``branch`` (0:
+        attention, 1: feed-forward); return that history, ``[batch, length + n + 1, shift_width]`` (zero row first)."""
+        if self.shift_inputs is None:
+            raise ShapeError("this KV cache was made without room for token shifting (shift_width=0)")
+        end = self._end(x.shape[1])
+        history = self.shift_inputs[layer, branch]
+        history[:, self.length + 1 : end + 1] = x[..., : history.shape[-1]]
+        return history[:, : end + 1]
 
     def advance(self, n: int) -> None:
         """Mark ``n`` more positions as written (called once per forward pass, after every layer wrote)."""

@@ -9,10 +9,11 @@ image positions the image rows.
 
 from __future__ import annotations
 
+import functools
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import torch
 import torch.nn.functional as F
@@ -20,11 +21,17 @@ from torch import nn
 
 from dalle_core.checkpoint import CONFIG_FILE, atomic_directory, load_weights, read_json, save_weights
 from dalle_core.config import from_dict, to_dict
-from dalle_core.errors import CheckpointError, ConfigError, ShapeError, VocabularyError
-from dalle_transformer.attention import CausalSelfAttention
+from dalle_core.errors import CheckpointError, ConfigError, ShapeError
+from dalle_transformer import generation
+from dalle_transformer.attention import ATTENTION_BACKENDS, PassContext
 from dalle_transformer.cache import KVCache
 from dalle_transformer.config import DALLEConfig
-from dalle_transformer.sampling import check_sampling_args, sample_logits
+from dalle_transformer.inputs import check_image_ids, check_image_prefix, check_text_ids
+from dalle_transformer.layers import Block, run_sequential
+from dalle_transformer.masks import layer_patterns
+from dalle_transformer.reversible import run_reversible
+from dalle_transformer.rotary import rotary_angles
+from dalle_transformer.shift import TokenShift
 
 CHECKPOINT_FORMAT = "dalle-transformer/1"
 
@@ -43,37 +50,21 @@ class DALLELoss(NamedTuple):
     image_loss: torch.Tensor
 
 
-class FeedForward(nn.Module):
-    def __init__(self, dim: int, mult: int, dropout: float) -> None:
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(dim, dim * mult), nn.GELU(), nn.Dropout(dropout), nn.Linear(dim * mult, dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-
-class Block(nn.Module):
-    """Pre-LayerNorm transformer block: ``x + attn(norm(x))`` then ``x + ff(norm(x))``."""
-
-    def __init__(self, config: DALLEConfig) -> None:
-        super().__init__()
-        self.attn_norm = nn.LayerNorm(config.dim)
-        self.attn = CausalSelfAttention(config.dim, config.heads, config.dim_head, config.attn_dropout)
-        self.ff_norm = nn.LayerNorm(config.dim)
-        self.ff = FeedForward(config.dim, config.ff_mult, config.ff_dropout)
-
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer_index: int = 0) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cache, layer_index)
-        return x + self.ff(self.ff_norm(x))
+def _owners(ids: tuple[int, ...]) -> tuple[int, ...]:
+    """For each layer, the first layer with the same sharing id (the one that holds the weights)."""
+    first: dict[int, int] = {}
+    return tuple(first.setdefault(share_id, index) for index, share_id in enumerate(ids))
 
 
 class DALLE(nn.Module):
     """Autoregressive transformer over text and image token ids (never over text or images themselves)."""
 
-    # Buffers, declared so type checkers know they are tensors (nn.Module.__getattr__ says Tensor | Module).
+    # Buffers (registered in __init__), declared for type checkers.
+    text_pad_ids: torch.Tensor
     image_rows: torch.Tensor
     image_cols: torch.Tensor
-    text_pad_ids: torch.Tensor
+    rotary_cos: torch.Tensor
+    rotary_sin: torch.Tensor
 
     def __init__(self, config: DALLEConfig) -> None:
         super().__init__()
@@ -82,20 +73,38 @@ class DALLE(nn.Module):
         self.config = config
         dim = config.dim
         self.bos = nn.Parameter(torch.zeros(dim))
-        self.text_emb = nn.Embedding(config.num_text_logits, dim)
-        self.text_pos_emb = nn.Embedding(config.text_seq_len, dim)
-        self.image_emb = nn.Embedding(config.num_image_tokens, dim)
-        self.image_row_emb = nn.Embedding(config.image_fmap_size, dim)
-        self.image_col_emb = nn.Embedding(config.image_fmap_size, dim)
-        self.blocks = nn.ModuleList(Block(config) for _ in range(config.depth))
+        # With share_input_output_emb the embeddings are rows of to_logits; with rotary_emb there are no learned
+        # positions (DALLE-pytorch's choices).
+        if not config.share_input_output_emb:
+            self.text_emb = nn.Embedding(config.num_text_logits, dim)
+        if not config.rotary_emb:
+            self.text_pos_emb = nn.Embedding(config.text_seq_len, dim)
+        if not config.share_input_output_emb:
+            self.image_emb = nn.Embedding(config.num_image_tokens, dim)
+        if not config.rotary_emb:
+            self.image_row_emb = nn.Embedding(config.image_fmap_size, dim)
+            self.image_col_emb = nn.Embedding(config.image_fmap_size, dim)
+        self.attn_owner = _owners(config.layer_share_ids(config.shared_attn_ids))
+        self.ff_owner = _owners(config.layer_share_ids(config.shared_ff_ids))
+        self.blocks = nn.ModuleList(
+            Block(config, i, owns_attn=self.attn_owner[i] == i, owns_ff=self.ff_owner[i] == i)
+            for i in range(config.depth)
+        )
         self.norm = nn.LayerNorm(dim)
         self.to_logits = nn.Linear(dim, config.num_text_logits + config.num_image_tokens)
 
+        self.patterns = layer_patterns(config)
+        self.token_shift = TokenShift(config) if config.shift_tokens else None
+        self.attention_backend = "auto"
         positions = torch.arange(config.image_seq_len)
         self.register_buffer("image_rows", positions // config.image_fmap_size, persistent=False)
         self.register_buffer("image_cols", positions % config.image_fmap_size, persistent=False)
         pad_ids = config.num_text_tokens + torch.arange(config.text_seq_len)
         self.register_buffer("text_pad_ids", pad_ids, persistent=False)
+        if config.rotary_emb:
+            angles = rotary_angles(config.text_seq_len, config.image_fmap_size, config.dim_head)
+            self.register_buffer("rotary_cos", angles.cos(), persistent=False)
+            self.register_buffer("rotary_sin", angles.sin(), persistent=False)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -107,12 +116,27 @@ class DALLE(nn.Module):
                 nn.init.zeros_(module.bias)
         nn.init.normal_(self.bos, std=0.02)
         residual_std = 0.02 / (2 * self.config.depth) ** 0.5
-        for block in self.blocks:
-            assert isinstance(block, Block)  # narrows ModuleList items for type checkers
-            last = block.ff.net[-1]
-            assert isinstance(last, nn.Linear)
-            nn.init.normal_(block.attn.to_out.weight, std=residual_std)
-            nn.init.normal_(last.weight, std=residual_std)
+        for block in self.layer_blocks():
+            if block.attn is not None:
+                nn.init.normal_(block.attn.to_out.weight, std=residual_std)
+            if block.ff is not None:
+                nn.init.normal_(cast(nn.Linear, block.ff.net[-1]).weight, std=residual_std)
+
+    def layer_blocks(self) -> list[Block]:
+        """The ``depth`` blocks (norms and scales per layer; attention / feed-forward where the layer owns them)."""
+        return [block for block in self.blocks if isinstance(block, Block)]
+
+    def set_attention_backend(self, backend: str) -> None:
+        """How whole sequences are attended (all give the same numbers; only the work differs):
+
+        ``auto`` (default): ``full`` layers on SDPA with ``is_causal``, the other types on FlexAttention on CUDA and
+        on the efficient gathered path elsewhere; ``efficient``; ``flex`` (FlexAttention; the efficient path runs
+        where it cannot: with attention dropout in training, or gradients on CPU); ``dense`` (masked SDPA, the
+        reference). The KV-cached decode step always gathers just the keys each query's mask row allows.
+        """
+        if backend not in ATTENTION_BACKENDS:
+            raise ConfigError(f"attention backend: expected one of {list(ATTENTION_BACKENDS)}, got {backend!r}")
+        self.attention_backend = backend
 
     # ---------------------------------------------------------------- input checks
 
@@ -122,63 +146,107 @@ class DALLE(nn.Module):
         The result holds ids in ``[0, num_text_tokens + text_seq_len)``: the model's text inputs and text targets.
         """
         config = self.config
-        if not isinstance(text_ids, torch.Tensor) or text_ids.dim() != 2 or not _is_integer(text_ids):
-            raise ShapeError(
-                f"expected text ids as an integer tensor [batch, <= {config.text_seq_len}], got {_desc(text_ids)}"
-            )
-        if text_ids.shape[1] > config.text_seq_len:
-            raise ShapeError(
-                f"text is too long: expected at most text_seq_len={config.text_seq_len} ids, got {text_ids.shape[1]}"
-            )
-        _check_range(text_ids, config.num_text_tokens, "text", "num_text_tokens")
+        check_text_ids(config, text_ids)
         text = text_ids.to(device=self.text_pad_ids.device, dtype=torch.long)
         if text.shape[1] < config.text_seq_len:
             text = F.pad(text, (0, config.text_seq_len - text.shape[1]), value=config.text_pad_id)
         return torch.where(text == config.text_pad_id, self.text_pad_ids, text)
 
+    def null_text(self, batch_size: int) -> torch.Tensor:
+        """The null condition (an all-padding text) as prepared ids ``int64[batch_size, T]``."""
+        return self.text_pad_ids.expand(batch_size, -1)
+
     def check_image_ids(self, image_ids: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
         """Validate ``int[B, image_seq_len]`` image ids; return them as int64 on the model's device."""
-        config = self.config
-        expected = f"[{batch_size if batch_size is not None else 'batch'}, {config.image_seq_len}]"
-        if not isinstance(image_ids, torch.Tensor) or image_ids.dim() != 2 or not _is_integer(image_ids):
-            raise ShapeError(f"expected image ids as an integer tensor {expected}, got {_desc(image_ids)}")
-        if image_ids.shape[1] != config.image_seq_len or batch_size not in (None, image_ids.shape[0]):
-            raise ShapeError(
-                f"expected image ids of shape {expected} (image_seq_len = image_fmap_size**2 = "
-                f"{config.image_seq_len}), got {list(image_ids.shape)}"
-            )
-        _check_range(image_ids, config.num_image_tokens, "image", "num_image_tokens")
+        check_image_ids(self.config, image_ids, batch_size)
+        return image_ids.to(device=self.text_pad_ids.device, dtype=torch.long)
+
+    def check_image_prefix(self, image_ids: torch.Tensor, batch_size: int, what: str = "image ids") -> torch.Tensor:
+        """Validate ``int[batch_size, k <= image_seq_len]`` leading image ids; return them as int64 on the device."""
+        check_image_prefix(self.config, image_ids, batch_size, what)
         return image_ids.to(device=self.text_pad_ids.device, dtype=torch.long)
 
     # ---------------------------------------------------------------- building blocks
 
+    def _text_tokens(self, text: torch.Tensor) -> torch.Tensor:
+        if self.config.share_input_output_emb:
+            return F.embedding(text, self.to_logits.weight[: self.config.num_text_logits])
+        return self.text_emb(text)
+
+    def _image_tokens(self, image: torch.Tensor) -> torch.Tensor:
+        if self.config.share_input_output_emb:
+            return F.embedding(image, self.to_logits.weight[self.config.num_text_logits :])
+        return self.image_emb(image)
+
+    def _embed_text(self, text: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """Embeddings of prepared text ids occupying text positions ``start..start+n`` (without BOS)."""
+        tokens = self._text_tokens(text)
+        if self.config.rotary_emb:
+            return tokens
+        return tokens + self.text_pos_emb.weight[start : start + text.shape[1]]
+
     def _embed_prefix(self, text: torch.Tensor) -> torch.Tensor:
-        """``[BOS, text_1..text_T]`` embeddings ``[B, T + 1, dim]`` from prepared text ids."""
-        tokens = self.text_emb(text) + self.text_pos_emb.weight
+        """``[BOS, text_1..text_k]`` embeddings ``[B, k + 1, dim]`` from prepared text ids (``k <= T``)."""
         bos = self.bos.expand(text.shape[0], 1, -1)
-        return torch.cat([bos, tokens], dim=1)
+        return torch.cat([bos, self._embed_text(text)], dim=1)
 
     def _embed_image(self, image: torch.Tensor, start: int = 0) -> torch.Tensor:
         """Embeddings of image ids occupying image positions ``start..start+n`` (row + column axial positions)."""
+        tokens = self._image_tokens(image)
+        if self.config.rotary_emb:
+            return tokens
         end = start + image.shape[1]
-        position = self.image_row_emb(self.image_rows[start:end]) + self.image_col_emb(self.image_cols[start:end])
-        return self.image_emb(image) + position
+        return tokens + self.image_row_emb(self.image_rows[start:end]) + self.image_col_emb(self.image_cols[start:end])
 
     def _transform(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """The blocks, without the final norm (applied by the heads to the positions they need)."""
-        for index, block in enumerate(self.blocks):
-            x = block(x, cache, index)
+        """The layers over positions ``start..start+n`` (``start`` = what ``cache`` holds), without the final norm
+        (applied by the heads to the positions they need)."""
+        config = self.config
+        start, n = (cache.length if cache is not None else 0), x.shape[1]
+        if start + n > config.total_seq_len:
+            raise ShapeError(f"the transformer reads at most {config.total_seq_len} positions, got up to {start + n}")
+        if config.stable:
+            # DALLE-pytorch's stable: the embeddings' gradient is scaled by 0.1, their value kept.
+            x = x * 0.1 + x.detach() * 0.9
+        rotary = None
+        if config.rotary_emb:
+            rotary = (self.rotary_cos[start : start + n], self.rotary_sin[start : start + n])
+        context = PassContext(start, cache, self.attention_backend, rotary, self.token_shift, config.stable)
+        branches = [self._branches(i, context) for i in range(config.depth)]
+        if config.reversible:
+            x = run_reversible(branches, x, list(self.blocks.parameters()))
+        else:
+            recompute = config.gradient_checkpointing and self.training and torch.is_grad_enabled() and cache is None
+            x = run_sequential(branches, x, recompute)
         if cache is not None:
-            cache.advance(x.shape[1])
+            cache.advance(n)
         return x
+
+    def _branches(
+        self, index: int, context: PassContext
+    ) -> tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]:
+        block = cast(Block, self.blocks[index])
+        attn = cast(Block, self.blocks[self.attn_owner[index]]).attn
+        ff = cast(Block, self.blocks[self.ff_owner[index]]).ff
+        assert attn is not None and ff is not None  # owners hold their modules by construction
+        return (
+            functools.partial(block.attention_branch, attn=attn, pattern=self.patterns[index], context=context),
+            functools.partial(block.feed_forward_branch, ff=ff, context=context),
+        )
+
+    def _final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.config.stable:
+            # DALLE-pytorch's DivideMax: divide by the (signed) per-position maximum, as a constant.
+            hidden = hidden / hidden.amax(dim=-1, keepdim=True).detach()
+        return self.norm(hidden)
 
     def _text_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         n = self.config.num_text_logits
-        return F.linear(self.norm(hidden), self.to_logits.weight[:n], self.to_logits.bias[:n])
+        return F.linear(self._final_norm(hidden), self.to_logits.weight[:n], self.to_logits.bias[:n])
 
     def _image_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         n = self.config.num_text_logits
-        return F.linear(self.norm(hidden), self.to_logits.weight[n:], self.to_logits.bias[n:])
+        return F.linear(self._final_norm(hidden), self.to_logits.weight[n:], self.to_logits.bias[n:])
 
     # ---------------------------------------------------------------- training
 
@@ -186,10 +254,15 @@ class DALLE(nn.Module):
         """Teacher-forced logits for every text and image position, and the losses they give.
 
         ``text_ids``: ``int[B, <= text_seq_len]`` in ``[0, num_text_tokens)`` (shorter rows are padded);
-        ``image_ids``: ``int[B, image_seq_len]`` in ``[0, num_image_tokens)``.
+        ``image_ids``: ``int[B, image_seq_len]`` in ``[0, num_image_tokens)``. In training mode with
+        ``null_cond_prob > 0``, each row's text is replaced by the null condition (all padding, inputs and text
+        targets, as in DALLE-pytorch) with that probability, drawn from torch's global RNG.
         """
         text = self.prepare_text(text_ids)
         image = self.check_image_ids(image_ids, batch_size=text.shape[0])
+        if self.training and self.config.null_cond_prob > 0:
+            dropped = torch.rand(text.shape[0], device=text.device) < self.config.null_cond_prob
+            text = torch.where(dropped[:, None], self.null_text(text.shape[0]), text)
         x = torch.cat([self._embed_prefix(text), self._embed_image(image[:, :-1])], dim=1)
         hidden = self._transform(x)
         t = self.config.text_seq_len
@@ -208,10 +281,11 @@ class DALLE(nn.Module):
         output = self(text_ids, image_ids)
         return DALLELoss(output.loss, output.text_loss, output.image_loss)
 
-    # ---------------------------------------------------------------- generation
+    # ---------------------------------------------------------------- incremental decoding
 
     def new_cache(self, batch_size: int) -> KVCache:
-        """An empty KV cache for ``batch_size`` sequences of ``total_seq_len`` positions."""
+        """An empty cache for ``batch_size`` sequences of ``total_seq_len`` positions (keys, values and, with
+        ``shift_tokens``, the shift inputs)."""
         config = self.config
         return KVCache(
             config.depth,
@@ -219,16 +293,27 @@ class DALLE(nn.Module):
             config.heads,
             config.total_seq_len,
             config.dim_head,
-            dtype=self.bos.dtype,
-            device=self.bos.device,
+            shift_width=self.token_shift.width if self.token_shift is not None else 0,
+            dtype=self.to_logits.weight.dtype,
+            device=self.to_logits.weight.device,
         )
 
-    def prefill(self, text_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """Write ``[BOS, text]`` to an empty ``cache``; return image token 1's logits, ``[B, num_image_tokens]``."""
+    def prefill(self, text_ids: torch.Tensor, cache: KVCache, image_prefix: torch.Tensor | None = None) -> torch.Tensor:
+        """Write ``[BOS, text, image_prefix]`` (``image_prefix``: ``int[B, k]``, ``k < image_seq_len``, optional) to an
+        empty ``cache``; return the logits of image token ``k + 1``, ``[B, num_image_tokens]``."""
         if cache.length != 0:
             raise ShapeError(f"prefill expects an empty KV cache, got one holding {cache.length} positions")
-        hidden = self._transform(self._embed_prefix(self.prepare_text(text_ids)), cache)
-        return self._image_logits(hidden[:, -1])
+        text = self.prepare_text(text_ids)
+        x = self._embed_prefix(text)
+        if image_prefix is not None:
+            prefix = self.check_image_prefix(image_prefix, text.shape[0], "image_prefix")
+            if prefix.shape[1] >= self.config.image_seq_len:
+                raise ShapeError(
+                    f"image_prefix: expected fewer than image_seq_len={self.config.image_seq_len} ids, "
+                    f"got {prefix.shape[1]}"
+                )
+            x = torch.cat([x, self._embed_image(prefix)], dim=1)
+        return self._image_logits(self._transform(x, cache)[:, -1])
 
     def decode_step(self, image_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Feed image token ``k`` (``int64[B]``, already validated) after a prefill and ``k - 1`` steps; return the
@@ -249,55 +334,64 @@ class DALLE(nn.Module):
         hidden = self._transform(torch.cat([prefix, self._embed_image(image_prefix)], dim=1))
         return self._image_logits(hidden[:, -1])
 
+    # ---------------------------------------------------------------- generation
+
     def generate_image_ids(
         self,
         text_ids: torch.Tensor,
         *,
         temperature: float = 1.0,
         top_k: int | None = None,
+        top_k_fraction: float | None = None,
+        top_p: float | None = None,
+        cond_scale: float = 1.0,
+        generator: torch.Generator | None = None,
+        row_generators: Sequence[torch.Generator] | None = None,
+        use_cache: bool = True,
+        init_image_ids: torch.Tensor | None = None,
+        num_init_img_tokens: int | None = None,
+        callback: generation.PreviewCallback | None = None,
+        callback_every: int = 1,
+    ) -> torch.Tensor:
+        """Sample ``int64[B, image_seq_len]`` image ids for ``text_ids`` (``int[B, <= text_seq_len]``).
+
+        See :func:`dalle_transformer.generation.generate_image_ids`: top-k as a count or a fraction of the image
+        vocabulary, top-p, temperature, classifier-free guidance (``cond_scale``), priming with the first
+        ``num_init_img_tokens`` of ``init_image_ids``, a preview ``callback(step, ids)``, and ``row_generators`` (one
+        generator per row, so each row's ids do not depend on the rest of the batch).
+        """
+        return generation.generate_image_ids(
+            self,
+            text_ids,
+            temperature=temperature,
+            top_k=top_k,
+            top_k_fraction=top_k_fraction,
+            top_p=top_p,
+            cond_scale=cond_scale,
+            generator=generator,
+            row_generators=row_generators,
+            use_cache=use_cache,
+            init_image_ids=init_image_ids,
+            num_init_img_tokens=num_init_img_tokens,
+            callback=callback,
+            callback_every=callback_every,
+        )
+
+    def generate_text_ids(
+        self,
+        text_ids: torch.Tensor,
+        *,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
         generator: torch.Generator | None = None,
         use_cache: bool = True,
     ) -> torch.Tensor:
-        """Sample ``int64[B, image_seq_len]`` image ids conditioned on ``text_ids`` (``int[B, <= text_seq_len]``).
-
-        ``top_k`` keeps the ``top_k`` most likely image codes at each step (ties with the last one kept too);
-        ``generator`` seeds ``torch.multinomial`` (a CPU generator works for a model on any device). The cached and
-        uncached paths draw the same random numbers and give the same ids for the same seed. Runs in eval mode
-        (restored afterwards) under ``torch.inference_mode``; the returned tensor is an ordinary tensor.
-        """
-        check_sampling_args(temperature, top_k, self.config.num_image_tokens)
-        text = self.prepare_text(text_ids)
-        was_training = self.training
-        self.eval()
-        try:
-            with torch.inference_mode():
-                ids = self._generate(text, temperature, top_k, generator, use_cache)
-        finally:
-            self.train(was_training)
-        return ids.clone()
-
-    def _generate(
-        self,
-        text: torch.Tensor,
-        temperature: float,
-        top_k: int | None,
-        generator: torch.Generator | None,
-        use_cache: bool,
-    ) -> torch.Tensor:
-        batch, n = text.shape[0], self.config.image_seq_len
-        out = torch.zeros(batch, n, dtype=torch.long, device=text.device)
-        prefix = self._embed_prefix(text)
-        cache = self.new_cache(batch) if use_cache else None
-        for k in range(n):
-            if cache is None:
-                x = torch.cat([prefix, self._embed_image(out[:, :k])], dim=1)
-            elif k == 0:
-                x = prefix
-            else:
-                x = self._embed_image(out[:, k - 1 : k], start=k - 1)
-            logits = self._image_logits(self._transform(x, cache)[:, -1])
-            out[:, k] = sample_logits(logits, temperature=temperature, top_k=top_k, generator=generator)
-        return out
+        """Complete text prefixes (``int[B, k]``) into ``int64[B, text_seq_len]`` text ids, stopping each row at
+        padding; see :func:`dalle_transformer.generation.generate_text_ids`."""
+        return generation.generate_text_ids(
+            self, text_ids, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator, use_cache=use_cache
+        )
 
     # ---------------------------------------------------------------- checkpoints
 
@@ -353,23 +447,6 @@ class DALLE(nn.Module):
         raw = read_json(Path(directory) / CONFIG_FILE)
         extra = raw.get("extra", {})
         return extra if isinstance(extra, dict) else {}
-
-
-def _is_integer(tensor: torch.Tensor) -> bool:
-    return not tensor.dtype.is_floating_point and not tensor.dtype.is_complex and tensor.dtype != torch.bool
-
-
-def _desc(value: object) -> str:
-    if isinstance(value, torch.Tensor):
-        return f"{str(value.dtype).removeprefix('torch.')} tensor of shape {list(value.shape)}"
-    return type(value).__name__
-
-
-def _check_range(ids: torch.Tensor, size: int, kind: str, field: str) -> None:
-    bad = (ids < 0) | (ids >= size)
-    if bool(bad.any()):
-        value = int(ids[bad][0])
-        raise VocabularyError(f"{kind} ids must be in [0, {field}={size}), got {value}")
 
 
 def _upcast(logits: torch.Tensor) -> torch.Tensor:

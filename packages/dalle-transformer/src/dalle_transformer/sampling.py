@@ -1,18 +1,55 @@
-"""Pure functions on logits: temperature, top-k filtering and seeded sampling."""
+"""Pure functions on logits: temperature, top-k (a count or a fraction of the vocabulary), top-p, seeded sampling.
+
+Order of operations in :func:`sample_logits`: top-k on the logits, then temperature, then top-p on the tempered
+probabilities (top-k does not depend on the temperature; top-p does), then one ``torch.multinomial`` draw per row.
+Both filters keep every value tied with the last one kept, so results never depend on how ties are ordered.
+"""
 
 from __future__ import annotations
+
+import math
 
 import torch
 
 from dalle_core.errors import ConfigError
 
 
-def check_sampling_args(temperature: float, top_k: int | None, vocab_size: int) -> None:
-    """Raise :class:`ConfigError` unless ``temperature > 0`` and ``top_k`` is None or in ``[1, vocab_size]``."""
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
-        raise ConfigError(f"temperature: expected a number > 0, got {temperature!r}")
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_sampling_args(temperature: float, top_k: int | None, vocab_size: int, top_p: float | None = None) -> None:
+    """Raise :class:`ConfigError` unless ``temperature > 0``, ``top_k`` is None or in ``[1, vocab_size]`` and
+    ``top_p`` is None or in ``(0, 1]``."""
+    if not _is_number(temperature) or not math.isfinite(temperature) or not temperature > 0:
+        raise ConfigError(f"temperature: expected a finite number > 0, got {temperature!r}")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= vocab_size):
         raise ConfigError(f"top_k: expected None or an integer in [1, {vocab_size}], got {top_k!r}")
+    if top_p is not None and (not _is_number(top_p) or not 0.0 < top_p <= 1.0):
+        raise ConfigError(f"top_p: expected None or a number in (0, 1], got {top_p!r}")
+
+
+def resolve_top_k(top_k: int | None, top_k_fraction: float | None, vocab_size: int) -> int | None:
+    """The top-k count from either a count or a fraction (in ``(0, 1]``) of ``vocab_size``; never both.
+
+    A fraction keeps ``max(1, int(top_k_fraction * vocab_size))`` values. DALLE-pytorch's ``filter_thres=t`` is
+    ``top_k_fraction = 1 - t`` (see :func:`top_k_from_filter_thres` for its exact rounding).
+    """
+    if top_k_fraction is None:
+        return top_k
+    if top_k is not None:
+        raise ConfigError(f"top_k={top_k!r} and top_k_fraction={top_k_fraction!r}: give at most one of them")
+    if not _is_number(top_k_fraction) or not 0.0 < top_k_fraction <= 1.0:
+        raise ConfigError(f"top_k_fraction: expected None or a number in (0, 1], got {top_k_fraction!r}")
+    return max(1, int(top_k_fraction * vocab_size))
+
+
+def top_k_from_filter_thres(filter_thres: float, vocab_size: int) -> int:
+    """DALLE-pytorch's ``top_k(logits, thres)`` count, ``max(int((1 - thres) * vocab_size), 1)``, for ``vocab_size``
+    the image vocabulary (DALLE-pytorch 1.6.6 used the text + image vocabulary there, which was a defect)."""
+    if not _is_number(filter_thres) or not 0.0 <= filter_thres < 1.0:
+        raise ConfigError(f"filter_thres: expected a number in [0, 1), got {filter_thres!r}")
+    return max(int((1 - filter_thres) * vocab_size), 1)
 
 
 def filter_top_k(logits: torch.Tensor, top_k: int | None) -> torch.Tensor:
@@ -26,6 +63,19 @@ def filter_top_k(logits: torch.Tensor, top_k: int | None) -> torch.Tensor:
     return logits.masked_fill(logits < kth, float("-inf"))
 
 
+def filter_top_p(logits: torch.Tensor, top_p: float | None) -> torch.Tensor:
+    """Nucleus filtering: keep the most likely values whose probabilities, summed in decreasing order, first reach
+    ``top_p`` (at least one value, plus every value tied with the last one kept); the rest become ``-inf``."""
+    if top_p is None or top_p >= 1.0:
+        return logits
+    probs = torch.softmax(logits, dim=-1)
+    sorted_probs = probs.sort(dim=-1, descending=True).values
+    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+    kept = mass_before < top_p  # the first value always is: nothing comes before it
+    smallest_kept = sorted_probs.masked_fill(~kept, float("inf")).amin(dim=-1, keepdim=True)
+    return logits.masked_fill(probs < smallest_kept, float("-inf"))
+
+
 def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     return logits if temperature == 1.0 else logits / temperature
 
@@ -35,6 +85,7 @@ def sample_logits(
     *,
     temperature: float = 1.0,
     top_k: int | None = None,
+    top_p: float | None = None,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Draw one id per row of ``logits`` (``[batch, vocab]``) -> ``int64[batch]`` on the logits' device.
@@ -45,7 +96,8 @@ def sample_logits(
     """
     if not logits.dtype.is_floating_point or logits.dtype.itemsize < 4:
         logits = logits.float()
-    probs = torch.softmax(apply_temperature(filter_top_k(logits, top_k), temperature), dim=-1)
+    tempered = filter_top_p(apply_temperature(filter_top_k(logits, top_k), temperature), top_p)
+    probs = torch.softmax(tempered, dim=-1)
     if generator is not None and generator.device != probs.device:
         return torch.multinomial(probs.to(generator.device), 1, generator=generator).squeeze(-1).to(logits.device)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

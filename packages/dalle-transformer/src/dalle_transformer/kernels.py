@@ -1,0 +1,178 @@
+"""Attention computations for one layer, all driven by the layer's :class:`AttentionPattern`.
+
+``q``, ``k``, ``v`` are ``[B, H, n, D]`` for positions ``0..n`` (queries not yet scaled). Every function returns
+``[B, H, n_queries, D]``:
+
+- :func:`attend_dense`: the reference, SDPA with the pattern's full boolean mask.
+- :func:`attend_efficient`: ``full`` on SDPA with ``is_causal``; the other types as causal text attention plus a
+  :class:`GroupedPlan` over the image queries (scores only against the text and the gathered keys).
+- :func:`attend_flex`: FlexAttention with a block mask built from the same ``mask_mod`` (fused on CUDA).
+- :func:`attend_decode`: one new query against only the keys its mask row allows, gathered from the KV cache.
+- :func:`attend_rows`: several new queries after a non-empty cache (dense mask rows; not on the hot path).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import torch.nn.functional as F
+
+from dalle_transformer.masks import AttentionPattern
+from dalle_transformer.plans import GroupBucket, decode_keys, grouped_plan
+
+
+def softmax(scores: torch.Tensor, stable: bool) -> torch.Tensor:
+    """Softmax over the last dim; ``stable`` is DALLE-pytorch's variant (max taken on ``scores / 32**2``)."""
+    if not stable:
+        return torch.softmax(scores, dim=-1)
+    alpha = 32.0**2
+    scaled = scores / alpha
+    return ((scaled - scaled.amax(dim=-1, keepdim=True).detach()) * alpha).softmax(dim=-1)
+
+
+def attend_dense(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: AttentionPattern, dropout_p: float = 0.0
+) -> torch.Tensor:
+    mask = pattern.square_mask(q.shape[-2], device=q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+
+
+def attend_efficient(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pattern: AttentionPattern,
+    dropout_p: float = 0.0,
+    stable: bool = False,
+) -> torch.Tensor:
+    n, text_len = q.shape[-2], pattern.text_len
+    if pattern.kind == "full" or n <= text_len:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+    text_out = F.scaled_dot_product_attention(
+        q[:, :, :text_len], k[:, :, :text_len], v[:, :, :text_len], dropout_p=dropout_p, is_causal=True
+    )
+    image_out = _attend_grouped(q, k, v, pattern, dropout_p, stable)
+    return torch.cat([text_out, image_out[:, :, : n - text_len]], dim=2)
+
+
+def _attend_grouped(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: AttentionPattern, dropout_p: float, stable: bool
+) -> torch.Tensor:
+    """Image queries' attention ``[B, H, N, D]`` (raster order, all ``N`` cells) through the grouped plan."""
+    n, dim = q.shape[-2], q.shape[-1]
+    text_len, cells = pattern.text_len, pattern.fmap_size**2
+    plan = grouped_plan(pattern, q.device)
+
+    # Image cells padded to N + 1 (cells not in this sequence and the dummy cell are zeros; causality keeps real
+    # queries from ever seeing them, and the outputs of queries beyond the sequence are dropped by the caller).
+    def image_cells(t: torch.Tensor) -> torch.Tensor:
+        return F.pad(t[:, :, text_len:], (0, 0, 0, cells + 1 - (n - text_len)))
+
+    q_img, k_img, v_img = image_cells(q * dim**-0.5), image_cells(k), image_cells(v)
+    k_text, v_text = k[:, :, :text_len], v[:, :, :text_len]
+    outs = [_attend_bucket(q_img, k_img, v_img, k_text, v_text, bucket, dropout_p, stable) for bucket in plan.buckets]
+    return torch.cat(outs, dim=2).index_select(2, plan.order)
+
+
+def _attend_bucket(
+    q_img: torch.Tensor,
+    k_img: torch.Tensor,
+    v_img: torch.Tensor,
+    k_text: torch.Tensor,
+    v_text: torch.Tensor,
+    bucket: GroupBucket,
+    dropout_p: float,
+    stable: bool,
+) -> torch.Tensor:
+    """``[B, H, G * S, D]``: each group's queries against all text keys and the group's gathered image keys."""
+    text_len = k_text.shape[-2]
+    q_groups = _gather_cells(q_img, bucket.query_cells)  # [B, H, G, S, D]
+    k_groups, v_groups = _gather_cells(k_img, bucket.key_cells), _gather_cells(v_img, bucket.key_cells)  # [B,H,G,M,D]
+    text_scores = (q_groups.flatten(2, 3) @ k_text.transpose(-1, -2)).unflatten(2, bucket.query_cells.shape)
+    image_scores = (q_groups @ k_groups.transpose(-1, -2)).masked_fill(~bucket.mask, float("-inf"))
+    probs = softmax(torch.cat([text_scores, image_scores], dim=-1), stable)
+    if dropout_p > 0.0:
+        probs = F.dropout(probs, dropout_p)
+    text_probs, image_probs = probs[..., :text_len], probs[..., text_len:]
+    out = (text_probs.flatten(2, 3) @ v_text).unflatten(2, bucket.query_cells.shape) + image_probs @ v_groups
+    return out.flatten(2, 3)
+
+
+def _gather_cells(t: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
+    # index_select (backward: index_add) is much faster on CPU than advanced indexing (backward: index_put).
+    return t.index_select(2, cells.flatten()).unflatten(2, cells.shape)
+
+
+@functools.lru_cache(maxsize=64)
+def _block_mask(pattern: AttentionPattern, length: int, device: torch.device):  # -> torch's BlockMask
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def mask_mod(b, h, q_idx, kv_idx):  # FlexAttention's signature
+        return pattern.allowed(q_idx, kv_idx)
+
+    return create_block_mask(mask_mod, None, None, length, length, device=device)
+
+
+@functools.cache
+def _flex_attention(compiled: bool):
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False) if compiled else flex_attention
+
+
+def flex_available() -> bool:
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def attend_flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: AttentionPattern) -> torch.Tensor:
+    """FlexAttention (no dropout): compiled into a fused block-sparse kernel on CUDA, eager elsewhere (for tests)."""
+    block_mask = _block_mask(pattern, q.shape[-2], q.device)
+    flex = _flex_attention(q.device.type == "cuda")
+    if q.device.type != "cuda":
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
+            return flex(q, k, v, block_mask=block_mask)
+    return flex(q, k, v, block_mask=block_mask)
+
+
+def attend_decode(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, pattern: AttentionPattern, position: int
+) -> torch.Tensor:
+    """One query (``q``: ``[B, H, 1, D]``) at ``position``; ``keys``/``values``: the cache up to ``position``."""
+    index = decode_keys(pattern, position, q.device)
+    if index is not None:
+        keys, values = keys[:, :, index], values[:, :, index]
+    return F.scaled_dot_product_attention(q, keys, values)
+
+
+def attend_rows(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, pattern: AttentionPattern, start: int, dropout_p: float
+) -> torch.Tensor:
+    """Queries at positions ``start..start+n`` against keys ``0..start+n`` with the pattern's mask rows."""
+    positions = torch.arange(start, start + q.shape[-2], device=q.device)
+    mask = pattern.dense_mask(positions, keys.shape[-2])
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, dropout_p=dropout_p)
+
+
+def causal_pairs(length: int) -> int:
+    return length * (length + 1) // 2
+
+
+def dense_pairs(length: int) -> int:
+    return length * length
+
+
+def tile_pairs(mask: torch.Tensor, tile: int = 128) -> int:
+    """Pairs in the ``tile x tile`` blocks that hold any allowed pair (what a block-sparse kernel computes)."""
+    rows, cols = math.ceil(mask.shape[0] / tile), math.ceil(mask.shape[1] / tile)
+    padded = F.pad(mask, (0, cols * tile - mask.shape[1], 0, rows * tile - mask.shape[0]))
+    occupied = padded.view(rows, tile, cols, tile).any(dim=3).any(dim=1)
+    return int(occupied.sum()) * tile * tile

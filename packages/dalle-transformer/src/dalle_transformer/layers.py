@@ -1,0 +1,117 @@
+"""One transformer layer's residual branches, and the ways of running a stack of them.
+
+A branch is ``scale * out_norm(fn(shift(norm(x))))`` (DALLE-pytorch's ``LayerScale(PreNorm(PreShiftToken(fn)))``):
+``shift`` only with ``shift_tokens``, ``out_norm`` only with ``sandwich_norm``, ``scale`` only with ``layer_scale``.
+The attention and feed-forward modules may be shared between layers (``shared_attn_ids``/``shared_ff_ids``): a layer
+owns them only when it is the first of its id, so each shared weight is stored once, under its owner's name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from dalle_transformer.attention import Attention, PassContext
+from dalle_transformer.config import DALLEConfig
+from dalle_transformer.masks import AttentionPattern
+
+
+class GEGLU(nn.Module):
+    """``x * gelu(gate)`` on the two halves of the last dim (DALLE-pytorch's feed-forward activation)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, gate = x.chunk(2, dim=-1)
+        return x * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, mult: int, dropout: float, activation: str = "gelu") -> None:
+        super().__init__()
+        gated = activation == "geglu"
+        self.net = nn.Sequential(
+            nn.Linear(dim, dim * mult * (2 if gated else 1)),
+            GEGLU() if gated else nn.GELU(),
+            nn.Dropout(dropout),
+            nn.Linear(dim * mult, dim),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def layer_scale_init(layer_number: int) -> float:
+    """CaiT's initial LayerScale for the ``layer_number``-th layer (1-based), as DALLE-pytorch chooses it."""
+    if layer_number <= 18:
+        return 0.1
+    return 1e-5 if layer_number <= 24 else 1e-6
+
+
+class Block(nn.Module):
+    """Norms and scales of one layer; its attention / feed-forward modules unless an earlier layer shares them."""
+
+    def __init__(self, config: DALLEConfig, index: int, owns_attn: bool, owns_ff: bool) -> None:
+        super().__init__()
+        dim = config.dim
+        self.attn_norm = nn.LayerNorm(dim)
+        self.attn: Attention | None = (
+            Attention(dim, config.heads, config.dim_head, config.attn_dropout) if owns_attn else None
+        )
+        self.ff_norm = nn.LayerNorm(dim)
+        self.ff: FeedForward | None = (
+            FeedForward(dim, config.ff_mult, config.ff_dropout, config.ff_activation) if owns_ff else None
+        )
+        if config.sandwich_norm:
+            self.attn_out_norm = nn.LayerNorm(dim)
+            self.ff_out_norm = nn.LayerNorm(dim)
+        if config.layer_scale:
+            init = layer_scale_init(index + 1)
+            self.attn_scale = nn.Parameter(torch.full((dim,), init))
+            self.ff_scale = nn.Parameter(torch.full((dim,), init))
+        self.sandwich_norm = config.sandwich_norm
+        self.layer_scale = config.layer_scale
+        self.index = index
+
+    def _shift(self, h: torch.Tensor, context: PassContext, branch: int) -> torch.Tensor:
+        shift = context.shift
+        if shift is None:
+            return h
+        if context.cache is None:
+            return shift.shift_sequence(h)
+        history = context.cache.write_shift_input(self.index, branch, h)
+        return shift.shift(history, h, context.start)
+
+    def attention_branch(
+        self, x: torch.Tensor, attn: Attention, pattern: AttentionPattern, context: PassContext
+    ) -> torch.Tensor:
+        h = attn(self._shift(self.attn_norm(x), context, 0), pattern, context, self.index)
+        if self.sandwich_norm:
+            h = self.attn_out_norm(h)
+        return h * self.attn_scale if self.layer_scale else h
+
+    def feed_forward_branch(self, x: torch.Tensor, ff: FeedForward, context: PassContext) -> torch.Tensor:
+        h = ff(self._shift(self.ff_norm(x), context, 1))
+        if self.sandwich_norm:
+            h = self.ff_out_norm(h)
+        return h * self.ff_scale if self.layer_scale else h
+
+
+Branch = Callable[[torch.Tensor], torch.Tensor]
+
+
+def run_sequential(branches: Sequence[tuple[Branch, Branch]], x: torch.Tensor, recompute: bool) -> torch.Tensor:
+    """``x + f(x)`` then ``+ g(.)`` per layer; with ``recompute`` each layer's activations are rebuilt in backward."""
+    for f, g in branches:
+        if recompute:
+            x = checkpoint(_residual_layer, f, g, x, use_reentrant=False)
+        else:
+            x = _residual_layer(f, g, x)
+    return x
+
+
+def _residual_layer(f: Branch, g: Branch, x: torch.Tensor) -> torch.Tensor:
+    x = x + f(x)
+    return x + g(x)
