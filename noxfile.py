@@ -7,6 +7,7 @@ which proves the package works alone; `integration` then tests them all together
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import tomllib
 from pathlib import Path
@@ -38,7 +39,19 @@ def package_tests(session: nox.Session, package: str) -> None:
 PACKAGE_EXTRAS = {
     "dalle-tokenizers": ["hf", "yttm", "clip"],
     "dalle-vae": ["dall-e", "taming"],
+    "dalle-eval": ["clip", "metrics"],
 }
+
+
+def ensure_chromium(session: nox.Session) -> None:
+    """The report test opens index.html in headless Chromium; install Debian's package when it is missing."""
+    if shutil.which("chromium"):
+        return
+    if shutil.which("apt-get") and hasattr(os, "geteuid") and os.geteuid() == 0:
+        session.run("apt-get", "update", "-qq", external=True)
+        session.run("apt-get", "install", "-y", "-qq", "chromium", external=True)
+    else:
+        session.warn("chromium is not installed and cannot be installed here: the browser test will skip")
 
 
 @nox.session(name="extras")
@@ -46,6 +59,8 @@ PACKAGE_EXTRAS = {
 def package_tests_with_extras(session: nox.Session, package: str) -> None:
     """One package's tests with its optional extras installed (built from source where needed)."""
     extras = [arg for extra in PACKAGE_EXTRAS[package] for arg in ("--extra", extra)]
+    if package == "dalle-eval":
+        ensure_chromium(session)
     sync(session, "--package", package, "--group", "test", *extras)
     session.run(*PYTEST, f"packages/{package}/tests", *session.posargs)
 

@@ -104,8 +104,9 @@ def generate(
 
 
 def _mount_subcommands() -> None:
-    from dalle import cli_checkpoint, cli_tokenizer
+    from dalle import cli_checkpoint, cli_eval, cli_tokenizer
 
+    cli_eval.register(app)
     app.add_typer(cli_checkpoint.app, name="checkpoint")
     app.add_typer(cli_tokenizer.app, name="tokenizer")
 

@@ -7,6 +7,7 @@ import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2rem; color: #222; }
@@ -30,44 +31,47 @@ def _metrics_rows(metrics: Mapping[str, Any], prefix: str = "") -> list[str]:
     return rows
 
 
+def _src(directory: Path, path: str | Path) -> str:
+    """A relative URL for ``path``: forward slashes, percent-encoded (spaces, ``#``), HTML-escaped."""
+    return html.escape(quote(Path(path).relative_to(directory).as_posix()))
+
+
 def write_report(
     directory: Path,
     title: str,
     entries: Sequence[tuple[str, Sequence[Path], str]],
     metrics: Mapping[str, Any],
     grid: Path | None = None,
+    notes: Sequence[str] = (),
+    note_header: str = "checker",
 ) -> Path:
-    """Write ``directory/index.html``: one row per ``(prompt, image paths, note)``, then the metrics table.
+    """Write ``directory/index.html``: ``notes`` as paragraphs, one row per ``(prompt, image paths, note)``, the grid,
+    then the metrics table.
 
-    Image paths are written relative to ``directory`` so the report can be moved or served as a folder.
+    Image paths are written relative to ``directory`` (with forward slashes) so the report can be moved or served as
+    a folder; every image lies inside ``directory``.
     """
     rows = []
     for prompt, images, note in entries:
-        cells = "".join(
-            f'<img src="{html.escape(str(Path(p).relative_to(directory)))}" alt="{html.escape(prompt)}">'
-            for p in images
-        )
+        cells = "".join(f'<img src="{_src(directory, p)}" alt="{html.escape(prompt)}">' for p in images)
         rows.append(
             f'<tr><td class="prompt">{html.escape(prompt)}</td><td>{cells}</td><td>{html.escape(note)}</td></tr>'
         )
-    grid_html = (
-        f'<h2>Sample grid</h2><img class="grid" src="{html.escape(str(grid.relative_to(directory)))}" alt="grid">'
-        if grid
-        else ""
-    )
+    grid_html = f'<h2>Sample grid</h2><img class="grid" src="{_src(directory, grid)}" alt="grid">' if grid else ""
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title><style>{_STYLE}</style></head>
 <body>
 <h1>{html.escape(title)}</h1>
+{chr(10).join(f"<p>{html.escape(note)}</p>" for note in notes)}
 <h2>Prompts and images</h2>
-<table><tr><th>prompt</th><th>images</th><th>checker</th></tr>
+<table><tr><th>prompt</th><th>images</th><th>{html.escape(note_header)}</th></tr>
 {chr(10).join(rows)}
 </table>
+{grid_html}
 <h2>Metrics</h2>
 <table>
 {chr(10).join(_metrics_rows(metrics))}
 </table>
-{grid_html}
 </body></html>
 """
     path = directory / "index.html"
