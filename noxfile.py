@@ -40,6 +40,7 @@ PACKAGE_EXTRAS = {
     "dalle-tokenizers": ["hf", "yttm", "clip"],
     "dalle-vae": ["dall-e", "taming"],
     "dalle-eval": ["clip", "metrics"],
+    "dalle-train": ["tensorboard", "openmoji"],
 }
 
 

@@ -105,7 +105,9 @@ def generate(
 
 def _mount_subcommands() -> None:
     from dalle import cli_checkpoint, cli_eval, cli_tokenizer
+    from dalle.cli_train import train as train_command
 
+    app.command("train")(train_command)
     cli_eval.register(app)
     app.add_typer(cli_checkpoint.app, name="checkpoint")
     app.add_typer(cli_tokenizer.app, name="tokenizer")

@@ -1,24 +1,33 @@
-"""Single-process training loop for the DALLE transformer on pre-tokenized data, resumable, with sample grids."""
+"""Training the DALLE transformer: its step function (:class:`DALLETask`) for the shared loop, and
+:func:`train_dalle` on pre-tokenized data."""
 
 from __future__ import annotations
 
-import time
+import copy
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
+from torch import nn
 
-from dalle_core.checkpoint import load_weights
 from dalle_core.config import from_dict, to_dict
 from dalle_core.images import save_image_grid
 from dalle_core.protocols import ImageTokenizer, TextTokenizer
+from dalle_train.backends.base import Backend
 from dalle_train.bundle import check_compatible, write_bundle
-from dalle_train.checkpoints import MODEL_DIR, latest_checkpoint, load_training_state, save_checkpoint
 from dalle_train.config import DALLETrainConfig
-from dalle_train.progress import MetricsLog, console, make_progress
-from dalle_train.schedules import learning_rate
-from dalle_train.tokenized import TokenData
+from dalle_train.datasets.samples import SkipUnreadable
+from dalle_train.datasets.streams import MapBatchStream, evaluation_batches
+from dalle_train.loop import train_loop
+from dalle_train.run_config import LoggingConfig
+from dalle_train.run_logger import RunLogger
+from dalle_train.task import StepContext
+from dalle_train.tokenized import TokenData, TokenDataset
+from dalle_train.vae_trainer import micro_batch_size
 from dalle_transformer import DALLE, DALLEConfig
+
+Batch = dict[str, Any]
 
 
 def build_model_config(
@@ -41,10 +50,11 @@ def validation_loss(model: DALLE, data: TokenData, batch_size: int = 64) -> dict
     """Mean text, image and combined loss over ``data`` (weighted by batch size), in eval mode."""
     was_training = model.training
     model.eval()
+    device = next(model.parameters()).device
     totals = {"loss": 0.0, "text_loss": 0.0, "image_loss": 0.0}
     for start in range(0, len(data), batch_size):
         stop = min(len(data), start + batch_size)
-        out = model.loss(data.text_ids[start:stop], data.image_ids[start:stop])
+        out = model.loss(data.text_ids[start:stop].to(device), data.image_ids[start:stop].to(device))
         for key in totals:
             totals[key] += float(getattr(out, key)) * (stop - start)
     model.train(was_training)
@@ -64,11 +74,88 @@ def sample_grid(
 ) -> None:
     was_training = model.training
     model.eval()
-    text_ids = text_tokenizer.encode(list(prompts), model.config.text_seq_len)
-    generator = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
+    text_ids = text_tokenizer.encode(list(prompts), model.config.text_seq_len, truncate=True).to(device)
+    generator = torch.Generator(device).manual_seed(seed)
     ids = model.generate_image_ids(text_ids, temperature=temperature, top_k=top_k, generator=generator)
-    save_image_grid(image_tokenizer.decode(ids), path, scale=4)
+    save_image_grid(image_tokenizer.decode(ids).cpu(), path, scale=4)
     model.train(was_training)
+
+
+class DALLETask:
+    """Cross-entropy over text and image tokens. Batches bring ``text_ids`` and either ``image_ids`` (pre-tokenized)
+    or ``images``, which the frozen image tokenizer encodes on the training device."""
+
+    name = "dalle"
+
+    def __init__(
+        self,
+        config: DALLETrainConfig,
+        text_tokenizer: TextTokenizer,
+        image_tokenizer: ImageTokenizer,
+        prompts: Sequence[str],
+        device: torch.device,
+        training_config: dict[str, Any] | None = None,
+    ) -> None:
+        self.config = config
+        self.model_config = build_model_config(config, text_tokenizer, image_tokenizer)
+        self.text_tokenizer = text_tokenizer
+        if isinstance(image_tokenizer, nn.Module):
+            # A frozen copy on the training device: the caller's tokenizer stays where and as it was.
+            image_tokenizer = copy.deepcopy(image_tokenizer).to(device).eval().requires_grad_(False)
+        self.image_tokenizer = image_tokenizer
+        self.prompts = list(prompts)
+        self.training_config = training_config if training_config is not None else to_dict(config)
+
+    def build_model(self) -> nn.Module:
+        model = DALLE(self.model_config)
+        check_compatible(model, self.text_tokenizer, self.image_tokenizer)
+        return model
+
+    def loss(
+        self, model: nn.Module, batch: Batch, context: StepContext
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        text_ids = batch["text_ids"].to(context.device, non_blocking=True)
+        if "image_ids" in batch:
+            image_ids = batch["image_ids"].to(context.device, non_blocking=True)
+        else:
+            with torch.no_grad():  # outside autocast: token ids must not depend on the training precision
+                image_ids = self.image_tokenizer.encode(batch["images"].to(context.device, non_blocking=True))
+        with context.autocast():
+            out = model(text_ids, image_ids)  # forward returns the losses (and goes through DDP/FSDP hooks)
+        metrics = {"loss": out.loss, "text_loss": out.text_loss, "image_loss": out.image_loss}
+        return out.loss, {name: value.detach() for name, value in metrics.items()}
+
+    def tokens(self, batch: Batch) -> int:
+        return int(batch["text_ids"].shape[0]) * self.model_config.total_seq_len
+
+    def scalars(self, step: int, total_steps: int) -> dict[str, float]:
+        return {}
+
+    def signature(self) -> dict[str, Any]:
+        return to_dict(self.model_config)
+
+    def write_export(self, directory: Path, state: dict[str, torch.Tensor]) -> None:
+        model = DALLE(self.model_config)
+        model.load_state_dict(state)
+        write_bundle(directory, model, self.text_tokenizer, self.image_tokenizer, self.training_config)
+
+    def read_export(self, directory: Path) -> nn.Module:
+        return DALLE.load(directory).eval()
+
+    def sample(self, model: nn.Module, path: Path, device: torch.device) -> dict[str, float]:
+        if not self.prompts:
+            return {}
+        sample_grid(
+            model,  # type: ignore[arg-type,unused-ignore]
+            self.text_tokenizer,
+            self.image_tokenizer,
+            self.prompts,
+            path,
+            self.config.sample_temperature,
+            self.config.sample_top_k,
+        )
+        return {}
 
 
 def train_dalle(
@@ -80,83 +167,30 @@ def train_dalle(
     sample_prompts: Sequence[str] = (),
     validation: TokenData | None = None,
     resume: bool = True,
+    *,
+    backend: Backend | None = None,
+    logging: LoggingConfig | None = None,
 ) -> DALLE:
-    """Train the transformer on ``data``; returns it in eval mode.
+    """Train the transformer on pre-tokenized ``data``; returns it in eval mode on CPU.
 
-    Every ``sample_every`` steps: a grid for ``sample_prompts`` in ``run_dir/samples/`` and the validation loss.
-    Checkpoints are generation bundles plus optimizer state, so any of them works with ``dalle generate``.
+    Every ``sample_every`` steps: a grid for ``sample_prompts`` (or ``config.sample_prompts``) in ``run_dir/samples/``
+    and the validation loss. Checkpoints hold generation bundles, so any of them works with ``dalle generate``.
     """
+    from dalle_train.backends import SingleBackend
+
+    backend = backend or SingleBackend()
     loop = config.loop
-    model_config = build_model_config(config, text_tokenizer, image_tokenizer)
-    torch.manual_seed(loop.seed)
-    data_generator = torch.Generator().manual_seed(loop.seed)
-    model = DALLE(model_config)
-    check_compatible(model, text_tokenizer, image_tokenizer)
-    optimizer = torch.optim.AdamW(
-        model.parameters(),
-        lr=config.optimizer.lr,
-        betas=config.optimizer.betas,
-        weight_decay=config.optimizer.weight_decay,
-    )
-    start = 0
-    checkpoint = latest_checkpoint(run_dir) if resume else None
-    if checkpoint is not None:
-        _, state = load_weights(checkpoint / MODEL_DIR)
-        model.load_state_dict(state)
-        start = int(load_training_state(checkpoint, optimizer, data_generator)["step"])
-        console.print(f"resuming DALLE training from {checkpoint} (step {start})")
-    log = MetricsLog(run_dir / "metrics.jsonl")
-    training_config = to_dict(config)
+    micro = micro_batch_size(loop.batch_size, backend.world_size, loop.grad_accum_steps, "dalle.loop")
+    stream = MapBatchStream(SkipUnreadable(TokenDataset(data)), micro, backend.rank, backend.world_size, loop.seed)
+    prompts = list(sample_prompts) or list(config.sample_prompts)
+    task = DALLETask(config, text_tokenizer, image_tokenizer, prompts, backend.device)
+    validate = None
+    if validation is not None:
+        held_out = SkipUnreadable(TokenDataset(validation))
 
-    def write_model(directory: Path) -> None:
-        write_bundle(directory, model, text_tokenizer, image_tokenizer, training_config)
+        def validate() -> Any:
+            return evaluation_batches(held_out, micro, backend.rank, backend.world_size, loop.validation_batches)
 
-    tokens_per_step = loop.batch_size * (model_config.text_seq_len + model_config.image_fmap_size**2)
-    model.train()
-    with make_progress() as progress:
-        task = progress.add_task("train DALLE", total=loop.steps, completed=start, status="")
-        window_start, window_steps = time.perf_counter(), 0
-        for step in range(start, loop.steps):
-            lr = learning_rate(step, loop.steps, config.optimizer)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            index = torch.randint(0, len(data), (loop.batch_size,), generator=data_generator)
-            out = model.loss(data.text_ids[index], data.image_ids[index])
-            optimizer.zero_grad(set_to_none=True)
-            out.loss.backward()
-            if config.optimizer.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config.optimizer.grad_clip)
-            optimizer.step()
-            done = step + 1
-            window_steps += 1
-            if done % loop.log_every == 0 or done == loop.steps:
-                elapsed = time.perf_counter() - window_start
-                tokens_per_s = tokens_per_step * window_steps / max(elapsed, 1e-9)
-                window_start, window_steps = time.perf_counter(), 0
-                metrics = {
-                    "loss": float(out.loss.detach()),
-                    "text_loss": float(out.text_loss.detach()),
-                    "image_loss": float(out.image_loss.detach()),
-                    "lr": lr,
-                    "tokens_per_s": round(tokens_per_s),
-                }
-                log.write(done, **metrics)
-                progress.update(task, status=f"img loss {metrics['image_loss']:.3f} {tokens_per_s:,.0f} tok/s")
-            if done % loop.sample_every == 0 or done == loop.steps:
-                if validation is not None:
-                    log.write(done, **validation_loss(model, validation))
-                if sample_prompts:
-                    sample_grid(
-                        model,
-                        text_tokenizer,
-                        image_tokenizer,
-                        sample_prompts,
-                        run_dir / "samples" / f"dalle-step-{done:06d}.png",
-                        config.sample_temperature,
-                        config.sample_top_k,
-                    )
-            if done % loop.checkpoint_every == 0 or done == loop.steps:
-                save_checkpoint(run_dir, done, write_model, optimizer, data_generator, loop.keep_last)
-            progress.advance(task)
-    model.eval()
-    return model
+    logger = RunLogger(run_dir, logging, enabled=backend.is_main)
+    model = train_loop(task, stream, loop, config.optimizer, backend, logger, run_dir, validate, resume=resume)
+    return model  # type: ignore[return-value,unused-ignore]

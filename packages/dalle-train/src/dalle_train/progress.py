@@ -1,4 +1,4 @@
-"""Rich progress bars and a JSONL metrics log, both kept off the hot path (updated every ``log_every`` steps)."""
+"""Rich progress bars and the JSONL metrics log, both kept off the hot path (updated every ``log_every`` steps)."""
 
 from __future__ import annotations
 
@@ -39,3 +39,17 @@ class MetricsLog:
         record = {"step": step, "time_s": round(time.perf_counter() - self._start, 3), **metrics}
         with open(self.path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
+
+    def truncate_after(self, step: int) -> None:
+        """Drop records past ``step`` (and a torn last line): a resumed run rewrites them, so none is doubled."""
+        if not self.path.is_file():
+            return
+        kept = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict) and int(record.get("step", 0)) <= step:
+                kept.append(line)
+        self.path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")

@@ -62,3 +62,20 @@ def pretokenize(
             captions.extend(batch_captions)
             progress.advance(task, len(items))
     return TokenData(torch.cat(texts), torch.cat(images), tuple(captions))
+
+
+class TokenDataset(Dataset):
+    """:class:`TokenData` as a map-style dataset of ``{"text_ids", "image_ids", "caption"}`` items."""
+
+    def __init__(self, data: TokenData) -> None:
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int) -> dict[str, object]:
+        return {
+            "text_ids": self.data.text_ids[index],
+            "image_ids": self.data.image_ids[index],
+            "caption": self.data.captions[index],
+        }
