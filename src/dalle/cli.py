@@ -76,18 +76,49 @@ def generate(
     checkpoint: Annotated[Path, typer.Option(help="A model directory written by training or the demo.")],
     prompt: Annotated[list[str], typer.Option(help="A caption (repeatable).")] = [],  # noqa: B006
     prompts_file: Annotated[Path | None, typer.Option(help="A text file with one caption per line.")] = None,
-    num_images: Annotated[int, typer.Option(help="Images per prompt.")] = 4,
+    num_images: Annotated[int, typer.Option(help="Images kept per prompt.")] = 4,
     top_k: Annotated[int | None, typer.Option(help="Sample among the k most likely image tokens.")] = None,
+    top_p: Annotated[
+        float | None, typer.Option(help="Sample among the most likely tokens holding this much probability.")
+    ] = None,
     temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 1.0,
+    cond_scale: Annotated[
+        float, typer.Option(help="Classifier-free guidance scale: 1 is none, larger follows the caption more.")
+    ] = 1.0,
     seed: Annotated[int, typer.Option(help="Seed: the same seed gives the same images.")] = 0,
+    seed_scope: Annotated[
+        str, typer.Option(help="'image': each image its own seed (batch-size independent); 'batch': one generator.")
+    ] = "image",
+    batch_size: Annotated[int, typer.Option(help="Rows per transformer / decoder call.")] = 16,
+    rerank: Annotated[
+        str | None,
+        typer.Option(help="CLIP for reranking: a `dalle clip train` directory, or an open_clip architecture name."),
+    ] = None,
+    clip_weights: Annotated[Path | None, typer.Option(help="Local weights file for an architecture name.")] = None,
+    candidates: Annotated[
+        int | None, typer.Option(help="With --rerank: images drawn per prompt; the best --num-images are kept.")
+    ] = None,
+    priming_image: Annotated[
+        Path | None, typer.Option(help="Start every image from this picture's first image tokens.")
+    ] = None,
+    priming_tokens: Annotated[
+        int | None, typer.Option(help="Image tokens of --priming-image kept (default: 0.4375 of them, 14 of 32 rows).")
+    ] = None,
+    progress: Annotated[
+        bool,
+        typer.Option(
+            help="Write partial images to OUTPUT/progress/IMAGE-step-STEP.png while sampling (IMAGE counts the drawn "
+            "candidates, prompt by prompt; tokens not yet sampled are painted grey)."
+        ),
+    ] = False,
+    progress_every: Annotated[int, typer.Option(help="With --progress: sampled tokens between previews.")] = 16,
+    device: Annotated[str, typer.Option(help="torch device for the models, e.g. cpu or cuda.")] = "cpu",
     output: Annotated[Path, typer.Option(help="Directory for images, grid.png and generations.json.")] = Path(
         "generations"
     ),
 ) -> None:
-    """Draw images for captions from a trained checkpoint."""
-    from dalle_core.errors import DataError
-    from dalle_eval.pipeline import SamplingOptions, generate, write_generation
-    from dalle_train.bundle import load_bundle
+    """Draw images for captions from a trained checkpoint (optionally guided, primed, reranked by CLIP)."""
+    from dalle_core.errors import ConfigError, DataError
 
     texts = list(prompt)
     if prompts_file is not None:
@@ -96,21 +127,73 @@ def generate(
         texts += [line.strip() for line in prompts_file.read_text(encoding="utf-8").splitlines() if line.strip()]
     if not texts:
         raise DataError("expected at least one --prompt or a --prompts-file, got none")
-    bundle = load_bundle(checkpoint)
-    options = SamplingOptions(temperature=temperature, top_k=top_k, seed=seed)
-    result = generate(bundle, texts, num_images, options)
-    paths = write_generation(result, output)
-    typer.echo(f"wrote {len(paths)} images and {output / 'grid.png'}")
+    if num_images < 1:
+        raise ConfigError(f"--num-images must be >= 1, got {num_images}")
+    drawn_per_prompt = num_images if candidates is None else candidates
+    if drawn_per_prompt < num_images:
+        raise ConfigError(f"--candidates ({candidates}) must be >= --num-images ({num_images})")
+    if drawn_per_prompt > num_images and rerank is None:
+        raise ConfigError(f"keeping {num_images} of {candidates} candidates needs --rerank CLIP to rank them")
+    if clip_weights is not None and rerank is None:
+        raise ConfigError("--clip-weights is the weights of a --rerank architecture; give --rerank too")
+    if priming_tokens is not None and priming_image is None:
+        raise ConfigError("--priming-tokens counts tokens of a --priming-image; give --priming-image too")
+    if priming_image is not None and not priming_image.is_file():
+        raise DataError(f"priming image not found: {priming_image}")
+
+    from dalle_eval.pipeline import ProgressPreviews, SamplingOptions, generate, load_priming_image, write_generation
+    from dalle_train.bundle import load_bundle, resolve_bundle_dir
+
+    options = SamplingOptions(
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        cond_scale=cond_scale,
+        seed=seed,
+        batch_size=batch_size,
+        seed_scope=seed_scope,  # type: ignore[arg-type]  # checked by SamplingOptions
+    )
+    directory = resolve_bundle_dir(checkpoint)
+    bundle = load_bundle(directory)
+    bundle.model.to(device)
+    if hasattr(bundle.image_tokenizer, "to"):
+        bundle.image_tokenizer.to(device)
+    scorer = None
+    if rerank is not None:  # loaded before sampling, so a bad CLIP fails fast
+        from dalle_eval.clip import load_clip
+
+        scorer = load_clip(rerank, clip_weights, device)
+    priming = None if priming_image is None else load_priming_image(bundle, priming_image, priming_tokens)
+    previews = ProgressPreviews(bundle, output / "progress") if progress else None
+    result = generate(
+        bundle, texts, drawn_per_prompt, options, priming=priming, progress=previews, progress_every=progress_every
+    )
+    metadata: dict[str, object] = {"checkpoint": str(directory), "candidates_per_prompt": drawn_per_prompt}
+    if scorer is not None:
+        from dalle_eval.rerank import rerank as keep_best
+
+        result = keep_best(result, scorer.cosine, num_images).kept
+        metadata["rerank"] = {"clip": rerank, "clip_weights": None if clip_weights is None else str(clip_weights)}
+    paths = write_generation(result, output, metadata=metadata)
+    summary = f"wrote {len(paths)} images and {output / 'grid.png'}"
+    if scorer is not None:
+        summary += f" (best {num_images} of {drawn_per_prompt} per prompt by CLIP)"
+    if previews is not None:
+        summary += f"; {len(previews.paths)} previews in {output / 'progress'}"
+    typer.echo(summary)
 
 
 def _mount_subcommands() -> None:
-    from dalle import cli_checkpoint, cli_eval, cli_tokenizer
+    """Mount the sub-commands (each module imports only typer at import time) in the order `dalle --help` lists."""
+    from dalle import cli_checkpoint, cli_eval, cli_tokenizer, cli_vae
     from dalle.cli_train import train as train_command
 
     app.command("train")(train_command)
-    cli_eval.register(app)
-    app.add_typer(cli_checkpoint.app, name="checkpoint")
+    app.command("eval")(cli_eval.eval_command)
+    app.add_typer(cli_vae.app, name="vae")
     app.add_typer(cli_tokenizer.app, name="tokenizer")
+    app.add_typer(cli_eval.clip_app, name="clip")
+    app.add_typer(cli_checkpoint.app, name="checkpoint")
 
 
 _mount_subcommands()

@@ -2,12 +2,14 @@
 
 from dalle_transformer.accounting import AttentionWork, DecodeWork, decode_attention_work, forward_attention_work
 from dalle_transformer.cache import KVCache
-from dalle_transformer.config import ATTENTION_TYPES, DALLEConfig
+from dalle_transformer.config import ARCHITECTURES, ATTENTION_TYPES, DALLEConfig
+from dalle_transformer.encoder_decoder import EncoderDecoderCache, EncoderDecoderDALLE
 from dalle_transformer.masks import AttentionPattern, layer_patterns
 from dalle_transformer.model import DALLE, DALLELoss, DALLEOutput
 from dalle_transformer.sampling import top_k_from_filter_thres
 
 __all__ = [
+    "ARCHITECTURES",
     "ATTENTION_TYPES",
     "DALLE",
     "AttentionPattern",
@@ -16,6 +18,8 @@ __all__ = [
     "DALLELoss",
     "DALLEOutput",
     "DecodeWork",
+    "EncoderDecoderCache",
+    "EncoderDecoderDALLE",
     "KVCache",
     "decode_attention_work",
     "forward_attention_work",

@@ -10,6 +10,17 @@ from dalle_core.config import from_dict, to_dict
 from dalle_core.errors import ConfigError
 
 AttentionType = Literal["full", "axial_row", "axial_col", "conv_like", "sparse"]
+Architecture = Literal["decoder_only", "encoder_decoder"]
+ARCHITECTURES: tuple[str, ...] = ("decoder_only", "encoder_decoder")
+# Options whose meaning is tied to the decoder-only ``[BOS, text, image]`` sequence; rejected with encoder_decoder.
+DECODER_ONLY_OPTIONS: tuple[str, ...] = (
+    "reversible",
+    "rotary_emb",
+    "shift_tokens",
+    "share_input_output_emb",
+    "shared_attn_ids",
+    "shared_ff_ids",
+)
 ATTENTION_TYPES: tuple[str, ...] = ("full", "axial_row", "axial_col", "conv_like", "sparse")
 
 
@@ -39,6 +50,10 @@ class DALLEConfig:
     - ``null_cond_prob``: in training, each text is replaced by the null condition (all padding) with this
       probability, which is what classifier-free guidance (``cond_scale``) needs.
     - ``ff_activation``: ``gelu`` (a GELU MLP) or ``geglu`` (DALLE-pytorch's gated feed-forward).
+    - ``architecture``: ``decoder_only`` (the model above; the default, and what a checkpoint without the field
+      means) or ``encoder_decoder`` (dalle-mini/BART style, :mod:`dalle_transformer.encoder_decoder`): a
+      bidirectional text encoder of ``encoder_depth`` layers (default ``depth``) and a ``depth``-layer image decoder
+      with cross-attention. It has no text loss; the options in ``DECODER_ONLY_OPTIONS`` are rejected with it.
     """
 
     num_text_tokens: int
@@ -72,6 +87,8 @@ class DALLEConfig:
     share_input_output_emb: bool = False
     null_cond_prob: float = 0.0
     ff_activation: Literal["gelu", "geglu"] = "gelu"
+    architecture: Architecture = "decoder_only"
+    encoder_depth: int | None = None
 
     def __post_init__(self) -> None:
         for name in (
@@ -156,6 +173,34 @@ class DALLEConfig:
             raise ConfigError(f"DALLEConfig.null_cond_prob: expected a probability in [0, 1], got {prob!r}")
         if self.ff_activation not in ("gelu", "geglu"):
             raise ConfigError(f"DALLEConfig.ff_activation: expected 'gelu' or 'geglu', got {self.ff_activation!r}")
+        self._check_architecture()
+
+    def _check_architecture(self) -> None:
+        if self.architecture not in ARCHITECTURES:
+            raise ConfigError(
+                f"DALLEConfig.architecture: expected one of {list(ARCHITECTURES)}, got {self.architecture!r}"
+            )
+        if self.encoder_depth is not None:
+            _positive_int("encoder_depth", self.encoder_depth)
+        if self.architecture == "decoder_only":
+            if self.encoder_depth is not None:
+                raise ConfigError(
+                    f"DALLEConfig.encoder_depth: only for architecture 'encoder_decoder', got {self.encoder_depth!r} "
+                    "with 'decoder_only'"
+                )
+            return
+        for name in DECODER_ONLY_OPTIONS:
+            value = getattr(self, name)
+            if value not in (False, None):
+                raise ConfigError(
+                    f"DALLEConfig.{name}: not supported with architecture 'encoder_decoder' (decoder-only option), "
+                    f"got {value!r}"
+                )
+
+    @property
+    def num_encoder_layers(self) -> int:
+        """Encoder layers of an ``encoder_decoder`` model: ``encoder_depth``, or ``depth`` when not given."""
+        return self.encoder_depth if self.encoder_depth is not None else self.depth
 
     def layer_attn_types(self) -> tuple[AttentionType, ...]:
         """The attention type of each of the ``depth`` layers: ``attn_types`` cycled."""

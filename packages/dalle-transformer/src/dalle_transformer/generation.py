@@ -155,14 +155,10 @@ def sample_image_ids(
     out = torch.zeros(batch, n, dtype=torch.long, device=text.device)
     start = prefix.shape[1]
     out[:, :start] = prefix
-    text_part = model._embed_prefix(rows)
-    cache = model.new_cache(rows.shape[0]) if use_cache else None
+    # The model's stepper feeds it only what its cache lacks (each architecture knows its own sequence layout).
+    next_logits = model._image_stepper(rows, use_cache)
     for k in range(start, n):
-        if cache is None or k == start:
-            x = torch.cat([text_part, model._embed_image(both(out[:, :k]))], dim=1)
-        else:
-            x = model._embed_image(both(out[:, k - 1 : k]), start=k - 1)
-        logits = model._image_logits(model._transform(x, cache)[:, -1])
+        logits = next_logits(both(out[:, :k]))
         if null_rows:
             cond, null = logits.chunk(2)
             logits = cond + (cond - null) * (cond_scale - 1)

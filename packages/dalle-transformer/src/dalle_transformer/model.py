@@ -5,6 +5,9 @@ positions) and predicts ``text_1..text_T, image_1..image_N``. Each text position
 its own padding token ``num_text_tokens + i``, so the model can tell padding positions apart; those are also the text
 targets there. Only the logits a position can use are computed: text positions use the text rows of ``to_logits``,
 image positions the image rows.
+
+With ``architecture="encoder_decoder"``, ``DALLE(config)`` builds
+:class:`dalle_transformer.encoder_decoder.EncoderDecoderDALLE` instead (same public API).
 """
 
 from __future__ import annotations
@@ -65,6 +68,17 @@ class DALLE(nn.Module):
     image_cols: torch.Tensor
     rotary_cos: torch.Tensor
     rotary_sin: torch.Tensor
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> DALLE:
+        # One constructor for both architectures: DALLE(config) with architecture "encoder_decoder" builds the
+        # subclass, so callers (training, checkpoints, generation, evaluation) need no special case. No arguments:
+        # copy.deepcopy / pickle recreating an instance of its own class.
+        config = args[0] if args else kwargs.get("config")
+        if cls is DALLE and isinstance(config, DALLEConfig) and config.architecture == "encoder_decoder":
+            from dalle_transformer.encoder_decoder import EncoderDecoderDALLE
+
+            return super().__new__(EncoderDecoderDALLE)
+        return super().__new__(cls)
 
     def __init__(self, config: DALLEConfig) -> None:
         super().__init__()
@@ -333,6 +347,23 @@ class DALLE(nn.Module):
         prefix = self._embed_prefix(self.prepare_text(text_ids))
         hidden = self._transform(torch.cat([prefix, self._embed_image(image_prefix)], dim=1))
         return self._image_logits(hidden[:, -1])
+
+    def _image_stepper(self, text: torch.Tensor, use_cache: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+        """For prepared ``text`` rows: a function from the image ids so far (``[B, k]``, one more per call, the first
+        call with any ``k``) to the next image token's logits ``[B, num_image_tokens]``; with ``use_cache`` it feeds
+        the model only the tokens not yet in its KV cache."""
+        text_part = self._embed_prefix(text)
+        cache = self.new_cache(text.shape[0]) if use_cache else None
+
+        def step(image_ids: torch.Tensor) -> torch.Tensor:
+            if cache is None or cache.length == 0:
+                x = torch.cat([text_part, self._embed_image(image_ids)], dim=1)
+            else:
+                done = cache.length - (self.config.text_seq_len + 1)  # image tokens already in the cache
+                x = self._embed_image(image_ids[:, done:], start=done)
+            return self._image_logits(self._transform(x, cache)[:, -1])
+
+        return step
 
     # ---------------------------------------------------------------- generation
 

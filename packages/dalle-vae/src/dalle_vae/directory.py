@@ -7,15 +7,15 @@ silently random weight.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
 
 from dalle_core.checkpoint import atomic_directory, load_weights, read_json, save_weights, write_json
-from dalle_core.errors import CheckpointError
+from dalle_core.errors import CheckpointError, ConfigError
 from dalle_core.registry import SPEC_FILE
 
 
@@ -65,3 +65,22 @@ def load_state_strictly(model: nn.Module, state: Mapping[str, torch.Tensor], sou
                 f"{source}: weight {name} has shape {tuple(tensor.shape)}, expected {tuple(expected[name].shape)}"
             )
     model.load_state_dict(dict(state), strict=True)
+
+
+ModelT = TypeVar("ModelT", bound=nn.Module)
+
+
+def load_tokenizer_model(
+    model_cls: type[ModelT], read_config: Callable[[dict[str, Any]], Any], directory: str | Path
+) -> ModelT:
+    """Rebuild ``model_cls(read_config(config.json))`` from a directory written by :func:`save_tokenizer_dir`,
+    strictly, in eval mode."""
+    directory = Path(directory)
+    config_dict, state = read_tokenizer_dir(directory, model_cls.kind)  # type: ignore[attr-defined]
+    try:
+        config = read_config(config_dict)
+    except ConfigError as error:
+        raise CheckpointError(f"{directory / 'config.json'}: {error}") from None
+    model = model_cls(config)
+    load_state_strictly(model, state, directory)
+    return model.eval()

@@ -8,10 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dalle_core.errors import CheckpointError, ConfigError
+from dalle_core.errors import ConfigError
 from dalle_vae.checks import check_ids, check_images, ids_to_grid
 from dalle_vae.config import DiscreteVAEConfig
-from dalle_vae.directory import load_state_strictly, read_tokenizer_dir, save_tokenizer_dir
+from dalle_vae.directory import load_tokenizer_model, save_tokenizer_dir
 from dalle_vae.gumbel import gumbel_sample, reinmax_sample
 from dalle_vae.layers import build_decoder, build_encoder
 from dalle_vae.losses import VAELoss, kl_to_uniform
@@ -155,12 +155,4 @@ class DiscreteVAE(nn.Module):
     @classmethod
     def load(cls, directory: str | Path) -> DiscreteVAE:
         """Rebuild a model written by :meth:`save`, in eval mode on CPU; mismatched weights raise CheckpointError."""
-        directory = Path(directory)
-        config_dict, state = read_tokenizer_dir(directory, cls.kind)
-        try:
-            config = DiscreteVAEConfig.from_dict(config_dict)
-        except ConfigError as error:
-            raise CheckpointError(f"{directory / 'config.json'}: {error}") from None
-        model = cls(config)
-        load_state_strictly(model, state, directory)
-        return model.eval()
+        return load_tokenizer_model(cls, DiscreteVAEConfig.from_dict, directory)

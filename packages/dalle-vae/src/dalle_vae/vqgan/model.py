@@ -9,7 +9,7 @@ from torch import nn
 
 from dalle_core.errors import CheckpointError, ConfigError
 from dalle_vae.checks import check_ids, check_images, ids_to_grid
-from dalle_vae.directory import load_state_strictly, read_tokenizer_dir, save_tokenizer_dir
+from dalle_vae.directory import load_state_strictly, load_tokenizer_model, save_tokenizer_dir
 from dalle_vae.openai_dvae.model import default_cache_dir
 from dalle_vae.vqgan.config import VQGanConfig
 from dalle_vae.vqgan.layers import Decoder, Encoder
@@ -106,15 +106,7 @@ class VQGanVAE(nn.Module):
     @classmethod
     def load(cls, directory: str | Path) -> VQGanVAE:
         """Rebuild a tokenizer written by :meth:`save`."""
-        directory = Path(directory)
-        config_dict, state = read_tokenizer_dir(directory, cls.kind)
-        try:
-            config = VQGanConfig.from_dict(config_dict)
-        except ConfigError as error:
-            raise CheckpointError(f"{directory / 'config.json'}: {error}") from None
-        model = cls(config)
-        load_state_strictly(model, state, directory)
-        return model
+        return load_tokenizer_model(cls, VQGanConfig.from_dict, directory)
 
     @classmethod
     def from_taming(
