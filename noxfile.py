@@ -154,3 +154,17 @@ def bench_peer(session: nox.Session) -> None:
         interpreter(session.virtualenv.location),
         *session.posargs,
     )
+
+
+@nox.session
+def dalle_pytorch_parity(session: nox.Session) -> None:
+    """Our import of DALLE-pytorch dalle.pt files against dalle-pytorch 1.6.6 itself: same logits for every option."""
+    sync(session, "--all-packages", "--group", "test", "--extra", "hf")
+    session.install(*PEER_DEPENDENCIES)
+    session.install("--no-deps", "dalle-pytorch==1.6.6")
+    session.run(
+        *PYTEST,
+        "packages/dalle-transformer/tests/test_dalle_pytorch_parity.py",
+        "tests/test_checkpoint_import.py",
+        *session.posargs,
+    )

@@ -12,7 +12,7 @@ import sys
 
 import torch
 from configs import CONFIGS, GENERATE_BATCH, NUM_IMAGE_TOKENS, NUM_TEXT_TOKENS, TRAIN_BATCH
-from timing import median_seconds, peak_rss_mib
+from timing import median_seconds, peak_rss_mib, random_batch
 
 from dalle_transformer import DALLE, DALLEConfig
 from dalle_vae import DiscreteVAE, DiscreteVAEConfig
@@ -27,13 +27,6 @@ def build(name: str, attention: str) -> DALLE:
             raise SystemExit(json.dumps({"skipped": f"attention type {attention} not implemented"}))
         options["attn_types"] = (attention,)
     return DALLE(DALLEConfig(num_text_tokens=NUM_TEXT_TOKENS, num_image_tokens=NUM_IMAGE_TOKENS, **options))
-
-
-def random_batch(config: dict, batch: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    text = torch.randint(1, NUM_TEXT_TOKENS, (batch, config["text_seq_len"]), generator=generator)
-    image = torch.randint(0, NUM_IMAGE_TOKENS, (batch, config["image_fmap_size"] ** 2), generator=generator)
-    return text, image
 
 
 def train(name: str, attention: str, repeats: int) -> dict:

@@ -13,7 +13,7 @@ import warnings
 
 import torch
 from configs import CONFIGS, GENERATE_BATCH, NUM_IMAGE_TOKENS, NUM_TEXT_TOKENS, TRAIN_BATCH
-from timing import median_seconds, peak_rss_mib
+from timing import median_seconds, peak_rss_mib, random_batch
 
 
 def import_peer():
@@ -51,13 +51,6 @@ def build(name: str, attention: str):
         rotary_emb=False,
     )
     return peer, model
-
-
-def random_batch(config: dict, batch: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    text = torch.randint(1, NUM_TEXT_TOKENS, (batch, config["text_seq_len"]), generator=generator)
-    image = torch.randint(0, NUM_IMAGE_TOKENS, (batch, config["image_fmap_size"] ** 2), generator=generator)
-    return text, image
 
 
 def train(name: str, attention: str, repeats: int) -> dict:

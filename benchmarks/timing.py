@@ -1,4 +1,4 @@
-"""Timing helpers shared by both runners (imports torch only)."""
+"""Timing and input helpers shared by both runners (they import torch and configs only)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable
 
 import torch
+from configs import NUM_IMAGE_TOKENS, NUM_TEXT_TOKENS
 
 
 def median_seconds(function: Callable[[], object], repeats: int, warmup: int = 1) -> float:
@@ -20,6 +21,14 @@ def median_seconds(function: Callable[[], object], repeats: int, warmup: int = 1
         function()
         samples.append(time.perf_counter() - start)
     return statistics.median(samples)
+
+
+def random_batch(config: dict, batch: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded random text ids (no padding) and image ids for one benchmark config."""
+    generator = torch.Generator().manual_seed(seed)
+    text = torch.randint(1, NUM_TEXT_TOKENS, (batch, config["text_seq_len"]), generator=generator)
+    image = torch.randint(0, NUM_IMAGE_TOKENS, (batch, config["image_fmap_size"] ** 2), generator=generator)
+    return text, image
 
 
 def peak_rss_mib() -> float:

@@ -51,3 +51,55 @@ def inspect(
     typer.echo(f"image tokenizer {summary['image_tokenizer']}")
     for key, value in summary["transformer"].items():
         typer.echo(f"  {key:<22}{value}")
+
+
+@app.command("import")
+def import_checkpoint(
+    dalle_pt: Annotated[Path, typer.Argument(help="A DALLE-pytorch dalle.pt (train_dalle.py's output).")],
+    output: Annotated[Path, typer.Option(help="Bundle directory to write (replaced if it exists).")],
+    bpe_path: Annotated[
+        Path | None,
+        typer.Option(help="The --bpe_path file it was trained with: a Hugging Face .json or a YouTokenToMe .model."),
+    ] = None,
+    clip_vocab: Annotated[
+        Path | None,
+        typer.Option(
+            help="Without --bpe-path: CLIP's BPE vocabulary (bpe_simple_vocab_16e6.txt[.gz]); default: the one in "
+            "open-clip-torch when installed."
+        ),
+    ] = None,
+    openai_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="OpenAI dVAE models: a directory with encoder.pkl and decoder.pkl (default: the saved copy)."
+        ),
+    ] = None,
+    taming_checkpoint: Annotated[
+        Path | None, typer.Option(help="VQGAN models: the taming .ckpt (default: the copy saved in the dalle.pt).")
+    ] = None,
+    taming_config: Annotated[
+        Path | None,
+        typer.Option(help="VQGAN models: the taming .yaml (default: DALLE-pytorch's cached vqgan.1024.config.yml)."),
+    ] = None,
+    trust_pickle: Annotated[
+        bool,
+        typer.Option(
+            help="Allow torch.load to run code from the files when their plain-data reading fails. Only for files "
+            "you trust."
+        ),
+    ] = False,
+) -> None:
+    """Convert a DALLE-pytorch dalle.pt (transformer, its VAE, its tokenizer) into a bundle for `dalle generate`."""
+    from dalle.checkpoint_import import import_dalle_pytorch
+
+    written = import_dalle_pytorch(
+        dalle_pt,
+        output,
+        bpe_path=bpe_path,
+        clip_vocab=clip_vocab,
+        openai_dir=openai_dir,
+        taming_checkpoint=taming_checkpoint,
+        taming_config=taming_config,
+        trust_pickle=trust_pickle,
+    )
+    typer.echo(f"imported {dalle_pt} into {written} (dalle generate --checkpoint {written} --prompt ...)")

@@ -3,6 +3,7 @@
 from dalle_transformer.accounting import AttentionWork, DecodeWork, decode_attention_work, forward_attention_work
 from dalle_transformer.cache import KVCache
 from dalle_transformer.config import ARCHITECTURES, ATTENTION_TYPES, DALLEConfig
+from dalle_transformer.dalle_pytorch import config_from_dalle_pytorch, convert_dalle_pytorch_weights
 from dalle_transformer.encoder_decoder import EncoderDecoderCache, EncoderDecoderDALLE
 from dalle_transformer.masks import AttentionPattern, layer_patterns
 from dalle_transformer.model import DALLE, DALLELoss, DALLEOutput
@@ -21,6 +22,8 @@ __all__ = [
     "EncoderDecoderCache",
     "EncoderDecoderDALLE",
     "KVCache",
+    "config_from_dalle_pytorch",
+    "convert_dalle_pytorch_weights",
     "decode_attention_work",
     "forward_attention_work",
     "layer_patterns",
