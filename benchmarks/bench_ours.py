@@ -14,7 +14,10 @@ import torch
 from configs import CONFIGS, GENERATE_BATCH, NUM_IMAGE_TOKENS, NUM_TEXT_TOKENS, TRAIN_BATCH
 from timing import median_seconds, peak_rss_mib, random_batch
 
+from dalle_train.config import OptimizerConfig
+from dalle_train.optim import build_adamw
 from dalle_transformer import DALLE, DALLEConfig
+from dalle_transformer.accounting import decode_attention_work, forward_attention_work
 from dalle_vae import DiscreteVAE, DiscreteVAEConfig
 
 
@@ -32,7 +35,7 @@ def build(name: str, attention: str) -> DALLE:
 def train(name: str, attention: str, repeats: int) -> dict:
     config = CONFIGS[name]
     model = build(name, attention).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    optimizer = build_adamw(model, OptimizerConfig(lr=1e-4))  # what `dalle train` steps with
     text, image = random_batch(config, TRAIN_BATCH)
     before = peak_rss_mib()
 
@@ -44,7 +47,14 @@ def train(name: str, attention: str, repeats: int) -> dict:
 
     seconds = median_seconds(step, repeats, warmup=2)
     tokens = TRAIN_BATCH * (config["text_seq_len"] + config["image_fmap_size"] ** 2)
-    return {"seconds_per_step": seconds, "tokens_per_s": tokens / seconds, "peak_mib": peak_rss_mib() - before}
+    # Attention score pairs of one training forward, all layers, per batch row and head (x 4 * dim_head for FLOPs).
+    work = forward_attention_work(model.config)
+    return {
+        "seconds_per_step": seconds,
+        "tokens_per_s": tokens / seconds,
+        "peak_mib": peak_rss_mib() - before,
+        "attention_pairs": {"dense": work.dense, "allowed": work.allowed, "executed": work.efficient},
+    }
 
 
 def generate(name: str, attention: str, repeats: int, cond_scale: float) -> dict:
@@ -62,7 +72,12 @@ def generate(name: str, attention: str, repeats: int, cond_scale: float) -> dict
 
     seconds = median_seconds(run, repeats, warmup=1)
     tokens = GENERATE_BATCH * config["image_fmap_size"] ** 2
-    return {"seconds_per_batch": seconds, "image_tokens_per_s": tokens / seconds}
+    work = decode_attention_work(model.config)
+    return {
+        "seconds_per_batch": seconds,
+        "image_tokens_per_s": tokens / seconds,
+        "decode_attention_pairs": {"all_cached": work.full_rows, "executed": work.gathered},
+    }
 
 
 def vae(name: str, repeats: int) -> dict:

@@ -75,14 +75,15 @@ def train(name: str, attention: str, repeats: int) -> dict:
 @torch.no_grad()
 def cached_loop(model, peer, text: torch.Tensor) -> torch.Tensor:
     """Its fastest correct generation: a hand-written loop passing a cache at cond_scale=1 (``generate_images``
-    ignores ``use_cache`` there). Same top-k fraction and Gumbel sampling as ``generate_images``."""
+    ignores ``use_cache`` there). Same top-k fraction and Gumbel sampling as ``generate_images``. Returns the image
+    ids without decoding them, as our generation measurement does."""
     text_len, image_len = model.text_seq_len, model.image_seq_len
     out, cache = text, {}
     for _ in range(image_len):
         logits = model(out[:, :text_len], out[:, text_len:], cache=cache)[:, -1, :]
         sample = peer.dalle_pytorch.gumbel_sample(peer.dalle_pytorch.top_k(logits, thres=0.5), temperature=1.0)
         out = torch.cat((out, (sample - model.num_text_tokens)[:, None]), dim=-1)
-    return model.vae.decode(out[:, -image_len:])
+    return out[:, -image_len:]
 
 
 def generate(name: str, attention: str, repeats: int, mode: str) -> dict:

@@ -129,6 +129,7 @@ def append_markdown(results: dict, path: Path) -> None:
             f"| {fmt((loop or {}).get('image_tokens_per_s'))} | {fmt((full or {}).get('image_tokens_per_s'))} "
             f"| {ratio(gen, loop, 'image_tokens_per_s')} | {ratio(gen, full, 'image_tokens_per_s')} |"
         )
+    lines += attention_work_lines(results)
     lines.append("\n| config | VAE encode img/s (ours / peer) | VAE decode img/s (ours / peer) |\n|---|---|---|")
     for key, entry in results["runs"].items():
         if key.endswith("/vae"):
@@ -143,6 +144,32 @@ def append_markdown(results: dict, path: Path) -> None:
         path.write_text("# Benchmarks\n\nAppended by `uvx nox -s bench` and `uvx nox -s bench_peer`; newest last.\n")
     with open(path, "a", encoding="utf-8") as handle:
         handle.write("\n".join(lines) + "\n")
+
+
+def attention_work_lines(results: dict) -> list[str]:
+    """Attention score pairs per batch row and head, all layers (x 4 * dim_head = FLOPs of QK^T and PV)."""
+    lines = [
+        "\nAttention work, score pairs per batch row and head summed over layers (FLOPs: x 4 x dim_head): a training "
+        "forward (dense = every pair, the masked-SDPA reference; allowed = pairs the mask keeps; executed = what our "
+        "CPU path computes) and the KV-cached decode of one image (all cached = every earlier position, as "
+        "DALLE-pytorch's cache attends; executed = the keys our mask rows gather).\n",
+        "| config | attention | dense | allowed | executed | executed / dense | allowed / dense "
+        "| decode: all cached | decode: executed | ratio |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for key, entry in results["runs"].items():
+        name, attention = key.split("/")
+        pairs = entry["ours"].get("train", {}).get("attention_pairs") if attention != "vae" else None
+        if not pairs:
+            continue
+        decode = entry["ours"].get("generate", {}).get("decode_attention_pairs") or {}
+        decode_ratio = f"{decode['executed'] / decode['all_cached']:.0%}" if decode.get("all_cached") else "n/a"
+        lines.append(
+            f"| {name} | {attention} | {fmt(pairs['dense'])} | {fmt(pairs['allowed'])} | {fmt(pairs['executed'])} "
+            f"| {pairs['executed'] / pairs['dense']:.0%} | {pairs['allowed'] / pairs['dense']:.0%} "
+            f"| {fmt(decode.get('all_cached'))} | {fmt(decode.get('executed'))} | {decode_ratio} |"
+        )
+    return lines
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from dalle_core.errors import CheckpointError, DalleError
-from dalle_train.backends.base import Backend
+from dalle_train.backends.base import Backend, LoopAwareBackend, LoopSettings
 from dalle_train.checkpoints import (
     BACKEND_STATE_DIR,
     MODEL_DIR,
@@ -131,6 +131,8 @@ class _Training:
     ) -> None:
         self.task, self.train, self.loop, self.optimizer_config = task, train, loop, optimizer_config
         self.backend, self.logger, self.run_dir, self.validation = backend, logger, run_dir, validation
+        if isinstance(backend, LoopAwareBackend):  # DeepSpeed builds its engine from these
+            backend.configure_loop(LoopSettings.of(task.name, loop, optimizer_config, backend.world_size))
         torch.manual_seed(loop.seed)  # the same initial weights on every process (FSDP shards them as they are)
         self.model, self.optimizer = backend.prepare(task.build_model(), lambda m: build_adamw(m, optimizer_config))
         if backend.rank:

@@ -23,6 +23,7 @@ from dalle_core.errors import DalleError
 from dalle_core.protocols import ImageTokenizer, TextTokenizer
 from dalle_tokenizers import build_text_tokenizer as build_tokenizer
 from dalle_train.backends import Backend, make_backend
+from dalle_train.backends.base import LoopAwareBackend, LoopSettings
 from dalle_train.bundle import save_bundle
 from dalle_train.checkpoints import MODEL_DIR, latest_checkpoint
 from dalle_train.datasets.build import (
@@ -141,6 +142,12 @@ def prepare(config: RunConfig, output: Path, backend: Backend) -> Prepared:
         loop = config.vae.loop if stage == "vae" else config.dalle.loop
         problems += batch_problems(stage, loop, backend.world_size)
         problems += precision_problems(stage, loop, backend.device)
+        if isinstance(backend, LoopAwareBackend):  # e.g. a DeepSpeed JSON that contradicts the loop
+            optimizer = config.vae.optimizer if stage == "vae" else config.dalle.optimizer
+            try:
+                backend.configure_loop(LoopSettings.of(stage, loop, optimizer, backend.world_size))
+            except DalleError as error:
+                problems.append(str(error))
     problems += logging_problems(config)
     raise_problems(problems)
     return Prepared(text_tokenizer, image_tokenizer, facts, sources)

@@ -113,14 +113,22 @@ class BackendConfig:
     """How processes run. ``auto`` is ``ddp`` under torchrun with more than one process, else ``single``.
 
     ``fsdp_units``: module class names that FSDP shards as units of their own (default: the whole model is one unit);
-    see :class:`dalle_train.backends.FSDPBackend`.
+    see :class:`dalle_train.backends.FSDPBackend`. ``deepspeed`` (ZeRO) and ``horovod`` need their extras
+    (``dalle-train[deepspeed]``, ``dalle-train[horovod]``).
+
+    ``deepspeed_zero_stage``: ZeRO stage 0-3 (default: the one in ``deepspeed_config``, else 2). ``deepspeed_config``:
+    a DeepSpeed JSON file merged with what the run config implies (batch sizes, accumulation, clipping, precision);
+    a value that contradicts the run config is an error. See
+    :class:`dalle_train.backends.deepspeed_backend.DeepSpeedBackend`.
     """
 
-    kind: Literal["auto", "single", "ddp", "fsdp"] = "auto"
+    kind: Literal["auto", "single", "ddp", "fsdp", "deepspeed", "horovod"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dist_backend: Literal["auto", "gloo", "nccl"] = "auto"
     fsdp_reshard_after_forward: bool = True
     fsdp_units: tuple[str, ...] = ()
+    deepspeed_zero_stage: Literal[0, 1, 2, 3] | None = None
+    deepspeed_config: str | None = None
 
 
 @dataclass(frozen=True)

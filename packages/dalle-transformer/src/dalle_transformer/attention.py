@@ -23,6 +23,7 @@ from dalle_transformer.kernels import (
     attend_rows,
     flex_available,
 )
+from dalle_transformer.linear import Linear
 from dalle_transformer.masks import AttentionPattern
 from dalle_transformer.rotary import rotate
 from dalle_transformer.shift import TokenShift
@@ -49,8 +50,8 @@ class Attention(nn.Module):
         self.dim_head = dim_head
         self.dropout = dropout
         inner = heads * dim_head
-        self.to_qkv = nn.Linear(dim, 3 * inner, bias=False)
-        self.to_out = nn.Linear(inner, dim)
+        self.to_qkv = Linear(dim, 3 * inner, bias=False)
+        self.to_out = Linear(inner, dim)
 
     def forward(
         self, x: torch.Tensor, pattern: AttentionPattern, context: PassContext, layer_index: int

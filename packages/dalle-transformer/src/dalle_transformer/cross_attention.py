@@ -17,6 +17,7 @@ from torch import nn
 
 from dalle_transformer.config import DALLEConfig
 from dalle_transformer.layers import layer_scale_init
+from dalle_transformer.linear import Linear
 
 
 class MemoryAttention(nn.Module):
@@ -26,9 +27,9 @@ class MemoryAttention(nn.Module):
         self.dim_head = dim_head
         self.dropout = dropout
         inner = heads * dim_head
-        self.to_q = nn.Linear(dim, inner, bias=False)
-        self.to_kv = nn.Linear(dim, 2 * inner, bias=False)
-        self.to_out = nn.Linear(inner, dim)
+        self.to_q = Linear(dim, inner, bias=False)
+        self.to_kv = Linear(dim, 2 * inner, bias=False)
+        self.to_out = Linear(inner, dim)
 
     def project_memory(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values ``[B, H, M, D]`` of ``memory`` ``[B, M, dim]``."""

@@ -39,6 +39,7 @@ from dalle_transformer.cache import KVCache
 from dalle_transformer.config import DALLEConfig
 from dalle_transformer.cross_attention import MemoryAttention, ResidualBranch
 from dalle_transformer.layers import Block, FeedForward
+from dalle_transformer.linear import linear
 from dalle_transformer.masks import AttentionPattern, layer_patterns
 from dalle_transformer.model import DALLE, DALLEOutput, _upcast
 
@@ -165,7 +166,7 @@ class EncoderDecoderDALLE(DALLE):
     # ---------------------------------------------------------------- building blocks
 
     def _image_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(self._final_norm(hidden), self.to_logits.weight, self.to_logits.bias)
+        return linear(self._final_norm(hidden), self.to_logits.weight, self.to_logits.bias)
 
     def _text_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         raise ConfigError("architecture 'encoder_decoder' has no text head (it does not model text)")

@@ -17,6 +17,7 @@ from torch.utils.checkpoint import checkpoint
 
 from dalle_transformer.attention import Attention, PassContext
 from dalle_transformer.config import DALLEConfig
+from dalle_transformer.linear import Linear
 from dalle_transformer.masks import AttentionPattern
 
 
@@ -33,10 +34,10 @@ class FeedForward(nn.Module):
         super().__init__()
         gated = activation == "geglu"
         self.net = nn.Sequential(
-            nn.Linear(dim, dim * mult * (2 if gated else 1)),
+            Linear(dim, dim * mult * (2 if gated else 1)),
             GEGLU() if gated else nn.GELU(),
             nn.Dropout(dropout),
-            nn.Linear(dim * mult, dim),
+            Linear(dim * mult, dim),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -31,6 +31,7 @@ from dalle_transformer.cache import KVCache
 from dalle_transformer.config import DALLEConfig
 from dalle_transformer.inputs import check_image_ids, check_image_prefix, check_text_ids
 from dalle_transformer.layers import Block, run_sequential
+from dalle_transformer.linear import linear
 from dalle_transformer.masks import layer_patterns
 from dalle_transformer.reversible import run_reversible
 from dalle_transformer.rotary import rotary_angles
@@ -256,11 +257,11 @@ class DALLE(nn.Module):
 
     def _text_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         n = self.config.num_text_logits
-        return F.linear(self._final_norm(hidden), self.to_logits.weight[:n], self.to_logits.bias[:n])
+        return linear(self._final_norm(hidden), self.to_logits.weight[:n], self.to_logits.bias[:n])
 
     def _image_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         n = self.config.num_text_logits
-        return F.linear(self._final_norm(hidden), self.to_logits.weight[n:], self.to_logits.bias[n:])
+        return linear(self._final_norm(hidden), self.to_logits.weight[n:], self.to_logits.bias[n:])
 
     # ---------------------------------------------------------------- training
 

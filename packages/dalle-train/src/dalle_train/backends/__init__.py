@@ -1,7 +1,8 @@
 """Training backends: how processes run and cooperate. See :class:`dalle_train.backends.base.Backend`.
 
-``single`` (one process), ``ddp`` and ``fsdp`` (FSDP2) are implemented; ``ddp`` and ``fsdp`` are launched with
-``torchrun``. DeepSpeed and Horovod are planned as further implementations of the same protocol.
+``single`` (one process), ``ddp`` and ``fsdp`` (FSDP2) live in :mod:`.torch_backends` and are launched with
+``torchrun``; ``deepspeed`` (:mod:`.deepspeed_backend`) and ``horovod`` (:mod:`.horovod_backend`) import their
+libraries only when chosen.
 """
 
 from __future__ import annotations
@@ -14,8 +15,6 @@ from dalle_train.backends.torch_backends import DDPBackend, FSDPBackend, SingleB
 from dalle_train.run_config import BackendConfig
 
 __all__ = ["Backend", "DDPBackend", "FSDPBackend", "SingleBackend", "StepResult", "make_backend", "resolve_kind"]
-
-PLANNED = ("deepspeed", "horovod")
 
 
 def resolve_kind(config: BackendConfig) -> str:
@@ -38,4 +37,14 @@ def make_backend(config: BackendConfig) -> Backend:
         return DDPBackend(config.device, config.dist_backend)
     if kind == "fsdp":
         return FSDPBackend(config.device, config.dist_backend, config.fsdp_reshard_after_forward, config.fsdp_units)
-    raise ConfigError(f"backend.kind: expected auto, single, ddp or fsdp, got {kind!r}")  # pragma: no cover
+    if kind == "deepspeed":
+        from dalle_train.backends.deepspeed_backend import DeepSpeedBackend
+
+        return DeepSpeedBackend(config)
+    if kind == "horovod":
+        from dalle_train.backends.horovod_backend import HorovodBackend
+
+        return HorovodBackend(config)
+    raise ConfigError(
+        f"backend.kind: expected auto, single, ddp, fsdp, deepspeed or horovod, got {kind!r}"
+    )  # pragma: no cover

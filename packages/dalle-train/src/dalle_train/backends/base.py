@@ -6,7 +6,9 @@ are synchronised, and how training state is gathered and written. Model code nev
 Adding a backend (DeepSpeed, Horovod) means implementing these members: ``prepare`` may return any module whose
 ``__call__`` runs the forward pass (a DeepSpeed engine is one) and any optimizer-like object that ``step`` knows how
 to drive; ``save``/``load`` write and read the backend's own format under the directory they are given, and
-``full_state_dict`` consolidates the weights for export, whatever the sharding.
+``full_state_dict`` consolidates the weights for export, whatever the sharding. A backend that builds its engine
+from the loop's settings (DeepSpeed: micro-batch, accumulation, clipping, precision) also implements
+:class:`LoopAwareBackend`; the loop calls its ``configure_loop`` before ``prepare``.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import nn
 
+from dalle_train.config import LoopConfig, OptimizerConfig
+
 OptimizerFactory = Callable[[nn.Module], torch.optim.Optimizer]
 
 
@@ -29,6 +33,36 @@ class StepResult:
 
     grad_norm: float
     applied: bool
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    """What a backend that owns the optimizer step must know about one stage's loop before ``prepare``.
+
+    ``stage`` names the config section in error messages (``dalle`` for ``dalle.loop.batch_size``); ``batch_size`` is
+    the global batch of one optimizer step and ``micro_batch_size`` what one process feeds per micro-batch.
+    """
+
+    stage: str
+    batch_size: int
+    micro_batch_size: int
+    grad_accum_steps: int
+    precision: str
+    max_grad_norm: float
+    ema: bool
+
+    @classmethod
+    def of(cls, stage: str, loop: LoopConfig, optimizer: OptimizerConfig, world_size: int) -> LoopSettings:
+        micro = max(1, loop.batch_size // (world_size * loop.grad_accum_steps))  # divisibility is checked elsewhere
+        return cls(
+            stage,
+            loop.batch_size,
+            micro,
+            loop.grad_accum_steps,
+            loop.precision,
+            optimizer.grad_clip,
+            loop.ema_decay > 0,
+        )
 
 
 @runtime_checkable
@@ -106,3 +140,13 @@ class Backend(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+@runtime_checkable
+class LoopAwareBackend(Protocol):
+    """A backend that builds its engine from the loop's settings (DeepSpeed)."""
+
+    def configure_loop(self, settings: LoopSettings) -> None:
+        """Check ``settings`` against the backend's own configuration (raising ``ConfigError``) and keep them for the
+        next ``prepare``. Called once per stage before ``prepare``, and by the run's checks before any work."""
+        ...
