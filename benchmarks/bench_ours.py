@@ -82,7 +82,18 @@ def generate(name: str, attention: str, repeats: int, cond_scale: float) -> dict
 
 def vae(name: str, repeats: int) -> dict:
     fmap = CONFIGS[name]["image_fmap_size"]
-    model = DiscreteVAE(DiscreteVAEConfig(image_size=fmap * 8, num_layers=3, num_tokens=NUM_IMAGE_TOKENS)).eval()
+    # DALLE-pytorch's DiscreteVAE defaults (no resnet blocks, 512-dim codebook, 0.5 normalization), so both
+    # systems run the same network.
+    config = DiscreteVAEConfig(
+        image_size=fmap * 8,
+        num_layers=3,
+        num_tokens=NUM_IMAGE_TOKENS,
+        codebook_dim=512,
+        num_resnet_blocks=0,
+        decoder_input_conv=False,
+        normalization=((0.5,) * 3, (0.5,) * 3),
+    )
+    model = DiscreteVAE(config).eval()
     images = torch.rand(16, 3, fmap * 8, fmap * 8)
     ids = model.encode(images)
     encode = median_seconds(lambda: model.encode(images), repeats)

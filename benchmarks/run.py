@@ -19,11 +19,29 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from configs import ATTENTION_TYPES, CONFIGS, model_flops_per_training_token  # noqa: E402
+from configs import ATTENTION_TYPES, CONFIGS, GENERATE_BATCH, model_flops_per_training_token  # noqa: E402
+
+# Both systems run with glibc's malloc thresholds fixed, as the `dalle` entry points set them
+# (dalle_core.allocator): otherwise whether large buffers are recycled or re-mapped on every call depends on each
+# process's import history, which made either side's convolutions 2x slower at random.
+MEASURE_ENV = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(32 * 2**20), "MALLOC_TRIM_THRESHOLD_": str(2**30)}
 
 
-def measure(python: str, script: str, *args: str) -> dict:
-    result = subprocess.run([python, str(HERE / script), *args], capture_output=True, text=True, cwd=HERE, check=False)
+def measure(python: str, script: str, *args: str, time_limit: float | None = None) -> dict:
+    """One measurement in a fresh process; past ``time_limit`` seconds it is stopped and recorded as
+    ``{"over_s": time_limit}`` (a bound: the run would have taken longer)."""
+    try:
+        result = subprocess.run(
+            [python, str(HERE / script), *args],
+            capture_output=True,
+            text=True,
+            cwd=HERE,
+            check=False,
+            timeout=time_limit,
+            env=MEASURE_ENV,
+        )
+    except subprocess.TimeoutExpired:
+        return {"over_s": time_limit}
     lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
     if result.returncode != 0 and not lines:
         return {"error": (result.stderr.strip().splitlines() or ["failed"])[-1]}
@@ -48,6 +66,28 @@ def fmt(value: object, digits: int = 0) -> str:
     return "n/a"
 
 
+def tokens_per_s(result: dict | None, tokens: int) -> float | None:
+    """Measured image tokens/s, or for a run stopped at its time limit the upper bound ``tokens / limit``."""
+    if not result:
+        return None
+    if "image_tokens_per_s" in result:
+        return result["image_tokens_per_s"]
+    return tokens / result["over_s"] if "over_s" in result else None
+
+
+def generation_cell(result: dict | None, tokens: int) -> str:
+    value = tokens_per_s(result, tokens)
+    return f"< {value:,.1f}" if result and "over_s" in result and value else fmt(value)
+
+
+def generation_ratio(ours: dict, theirs: dict | None, tokens: int) -> str:
+    """ours / theirs for generation; ``>`` when theirs was stopped at the time limit (its rate is an upper bound)."""
+    mine, peer = ours.get("image_tokens_per_s"), tokens_per_s(theirs, tokens)
+    if mine is None or not peer:
+        return "n/a"
+    return f"{'> ' if theirs and 'over_s' in theirs else ''}{mine / peer:.2f}x"
+
+
 def ratio(ours: dict, theirs: dict | None, key: str, invert: bool = False) -> str:
     if not theirs or key not in ours or key not in theirs:
         return "n/a"
@@ -62,6 +102,13 @@ def main() -> None:
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS))
     parser.add_argument("--attention", nargs="+", default=list(ATTENTION_TYPES))
     parser.add_argument("--output", default=str(HERE.parent / "docs" / "benchmarks.md"))
+    parser.add_argument(
+        "--peer-time-limit",
+        type=float,
+        default=600.0,
+        help="seconds after which a peer generation measurement is stopped and reported as a bound "
+        "(DALLE-pytorch's generate_images re-runs the whole sequence per token: over 14 min per batch on M conv_like)",
+    )
     args = parser.parse_args()
     # abspath, not resolve: a virtualenv's python is a symlink whose target is outside the virtualenv.
     args.ours = os.path.abspath(args.ours)
@@ -77,10 +124,10 @@ def main() -> None:
             entry["ours"]["generate_guided"] = measure(args.ours, "bench_ours.py", "generate_guided", name, attention)
             if args.peer:
                 entry["peer"]["train"] = measure(args.peer, "bench_peer.py", "train", name, attention)
-                entry["peer"]["cached_loop"] = measure(args.peer, "bench_peer.py", "cached_loop", name, attention)
-                entry["peer"]["generate_images"] = measure(
-                    args.peer, "bench_peer.py", "generate_images", name, attention
-                )
+                for mode in ("cached_loop", "generate_images"):
+                    entry["peer"][mode] = measure(
+                        args.peer, "bench_peer.py", mode, name, attention, time_limit=args.peer_time_limit
+                    )
             results["runs"][key] = entry
             print(key, json.dumps(entry), flush=True)
         results["runs"][f"{name}/vae"] = {
@@ -121,13 +168,14 @@ def append_markdown(results: dict, path: Path) -> None:
         )
         gen, guided = ours.get("generate", {}), ours.get("generate_guided", {})
         loop, full = peer.get("cached_loop"), peer.get("generate_images")
+        tokens = GENERATE_BATCH * configs[name]["image_fmap_size"] ** 2
         lines.append(
             f"| {name} | {attention} | {fmt(train.get('tokens_per_s'))} "
             f"| {fmt((peer_train or {}).get('tokens_per_s'))} "
             f"| {ratio(train, peer_train, 'tokens_per_s')} | {fraction} | {memory} "
             f"| {fmt(gen.get('image_tokens_per_s'))} | {fmt(guided.get('image_tokens_per_s'))} "
-            f"| {fmt((loop or {}).get('image_tokens_per_s'))} | {fmt((full or {}).get('image_tokens_per_s'))} "
-            f"| {ratio(gen, loop, 'image_tokens_per_s')} | {ratio(gen, full, 'image_tokens_per_s')} |"
+            f"| {generation_cell(loop, tokens)} | {generation_cell(full, tokens)} "
+            f"| {generation_ratio(gen, loop, tokens)} | {generation_ratio(gen, full, tokens)} |"
         )
     lines += attention_work_lines(results)
     lines.append("\n| config | VAE encode img/s (ours / peer) | VAE decode img/s (ours / peer) |\n|---|---|---|")

@@ -201,7 +201,10 @@ _mount_subcommands()
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: user errors become one line on stderr and exit code 2, never a traceback."""
+    from dalle_core.allocator import keep_large_buffers
     from dalle_core.errors import DalleError
+
+    keep_large_buffers()
 
     command = typer.main.get_command(app)
     try:

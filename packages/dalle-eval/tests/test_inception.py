@@ -1,9 +1,11 @@
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
-from dalle_core.errors import CheckpointError
+from dalle_core.errors import CheckpointError, MissingExtraError
 from dalle_eval.inception import FID_INCEPTION_FILE, FID_INCEPTION_URL, load_fid_inception
 from dalle_eval.weights import MissingWeightsError
 
@@ -15,6 +17,15 @@ def test_missing_weights_say_which_file_and_where_to_get_it(tmp_path):
     assert str(tmp_path / FID_INCEPTION_FILE) in message and FID_INCEPTION_URL in message
     with pytest.raises(MissingWeightsError, match="no weights file given"):
         load_fid_inception(None)
+
+
+def test_without_the_metrics_extra_the_error_names_the_install_command(tmp_path, monkeypatch):
+    weights = tmp_path / FID_INCEPTION_FILE
+    torch.save({}, weights)
+    for name in ("torch_fidelity", "torch_fidelity.feature_extractor_inceptionv3"):
+        monkeypatch.setitem(sys.modules, name, None)  # as if it were not installed, whether or not it is
+    with pytest.raises(MissingExtraError, match=r"'torch_fidelity' is not installed.*'dalle-eval\[metrics\]'"):
+        load_fid_inception(weights)
 
 
 def test_random_weight_inception_from_a_local_file(tmp_path):

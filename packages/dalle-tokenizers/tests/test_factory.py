@@ -1,10 +1,12 @@
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 from dalle_core.errors import ConfigError, MissingExtraError, RegistryError
 from dalle_tokenizers import SimpleTokenizer, build_text_tokenizer
-from dalle_tokenizers.extras import require
+from dalle_tokenizers.hf import read_tokenizer_file
 
 
 def test_simple_with_options():
@@ -25,6 +27,7 @@ def test_errors_name_the_problem(tmp_path):
         build_text_tokenizer("sentencepiece")
 
 
-def test_missing_extra_names_the_install_command():
+def test_missing_extra_names_the_install_command(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tokenizers", None)  # as if the hf extra were not installed
     with pytest.raises(MissingExtraError, match=r"uv pip install 'dalle-tokenizers\[hf\]'"):
-        require("a_module_that_is_not_installed", "hf")
+        read_tokenizer_file(tmp_path / "tokenizer.json")

@@ -16,7 +16,7 @@ from itertools import cycle, islice
 from typing import Any
 
 import torch
-from transformer_naive import gelu, naive_mask, naive_rotate, naive_shift
+from transformer_naive import gelu, naive_heads_attention, naive_layers, naive_mask, naive_shift
 
 from dalle_transformer import DALLEConfig
 
@@ -268,28 +268,10 @@ def reference_logits(
             return h * w[prefix + "scale"].reshape(dim)
 
         def attention(h: torch.Tensor, module: str, mask: torch.Tensor) -> torch.Tensor:
-            inner = spec.heads * spec.dim_head
-            qkv = h @ w[module + "to_qkv.weight"].T
-            heads = []
-            for head in range(spec.heads):
-                cols = slice(head * spec.dim_head, (head + 1) * spec.dim_head)
-                q, k, v = (qkv[:, offset + cols.start : offset + cols.stop] for offset in (0, inner, 2 * inner))
-                if angles is not None:
-                    q, k, v = naive_rotate(q, angles), naive_rotate(k, angles), naive_rotate(v, angles)
-                scores = (q @ k.T / math.sqrt(spec.dim_head)).masked_fill(~mask, float("-inf"))
-                heads.append(torch.softmax(scores, dim=-1) @ v)
-            return torch.cat(heads, dim=-1) @ w[module + "to_out.0.weight"].T + w[module + "to_out.0.bias"]
+            weights = (w[module + "to_qkv.weight"], w[module + "to_out.0.weight"], w[module + "to_out.0.bias"])
+            return naive_heads_attention(h, *weights, spec.heads, spec.dim_head, mask, angles)
 
-        if spec.reversible:
-            x1, x2 = x, x
-            for layer in range(spec.depth):
-                x1 = x1 + branch(layer, "attn", x2)
-                x2 = x2 + branch(layer, "ff", x1)
-            x = (x1 + x2) / 2
-        else:
-            for layer in range(spec.depth):
-                x = x + branch(layer, "attn", x)
-                x = x + branch(layer, "ff", x)
+        x = naive_layers(x, spec.depth, spec.reversible, branch)
         if spec.stable:
             x = x / x.max(dim=-1, keepdim=True).values
         x = layer_norm(x, w["to_logits.0.weight"], w["to_logits.0.bias"])

@@ -44,8 +44,35 @@ def generate(model: DALLE, seed: int, **kwargs) -> torch.Tensor:
     return model.generate_image_ids(TEXT, generator=torch.Generator().manual_seed(seed), **kwargs)
 
 
-def test_cache_logits_match_teacher_forced_forward() -> None:
-    model = random_model()
+LAYER_OPTIONS = {
+    "plain": {},
+    "rotary": {"rotary_emb": True},
+    "shift_tokens": {"shift_tokens": True},
+    "sandwich_layer_scale": {"sandwich_norm": True, "layer_scale": True},
+    "geglu": {"ff_activation": "geglu"},
+    "reversible": {"reversible": True},
+    "stable": {"stable": True},
+    "shared": {"depth": 3, "shared_attn_ids": (0, 1, 0), "shared_ff_ids": (0, 0, 1)},
+    "every_option": {
+        "rotary_emb": True,
+        "shift_tokens": True,
+        "sandwich_norm": True,
+        "layer_scale": True,
+        "ff_activation": "geglu",
+        "reversible": True,
+        "attn_types": ("axial_row", "conv_like"),
+    },
+}
+
+
+@pytest.mark.parametrize("options", LAYER_OPTIONS.values(), ids=LAYER_OPTIONS.keys())
+def test_cache_logits_match_teacher_forced_forward(options: dict) -> None:
+    """Decoding steps (one position each: the layers' single-position path) give the teacher-forced logits."""
+    torch.manual_seed(0)
+    model = DALLE(dataclasses.replace(CONFIG, **options)).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.normal_(0.0, 0.3)
     image = torch.randint(
         0, CONFIG.num_image_tokens, (3, CONFIG.image_seq_len), generator=torch.Generator().manual_seed(0)
     )

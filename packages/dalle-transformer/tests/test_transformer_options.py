@@ -141,7 +141,7 @@ def test_reversible_gradients_match_plain_autograd() -> None:
                           model.token_shift)  # fmt: skip
     x1 = x2 = x
     for i in range(config.depth):
-        f, g = model._branches(i, context)
+        f, g = model._branches(list(model.blocks), i, context)
         x1 = x1 + f(x2)
         x2 = x2 + g(x1)
     hidden = (x1 + x2) / 2

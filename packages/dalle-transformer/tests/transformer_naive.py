@@ -9,6 +9,7 @@ Run it in float64.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -114,6 +115,48 @@ def _owner(ids: tuple[int, ...] | None, depth: int, index: int) -> int:
     return cycled.index(cycled[index])
 
 
+def naive_heads_attention(
+    h: torch.Tensor,
+    qkv_weight: torch.Tensor,
+    out_weight: torch.Tensor,
+    out_bias: torch.Tensor,
+    heads: int,
+    dim_head: int,
+    mask: torch.Tensor,
+    angles: list[list[float]] | None,
+) -> torch.Tensor:
+    """Multi-head attention over ``h`` ``[L, dim]``, one head at a time: ``softmax(QK^T / sqrt(d) + mask) V``, queries,
+    keys and values rotated by ``angles`` (per position) when given, as DALLE-pytorch's rotary does."""
+    inner = heads * dim_head
+    qkv = h @ qkv_weight.T
+    outputs = []
+    for head in range(heads):
+        part = slice(head * dim_head, (head + 1) * dim_head)
+        q, k, v = (qkv[:, offset + part.start : offset + part.stop] for offset in (0, inner, 2 * inner))
+        if angles is not None:
+            q, k, v = naive_rotate(q, angles), naive_rotate(k, angles), naive_rotate(v, angles)
+        scores = (q @ k.T / math.sqrt(dim_head)).masked_fill(~mask, float("-inf"))
+        outputs.append(torch.softmax(scores, dim=-1) @ v)
+    return torch.cat(outputs, dim=-1) @ out_weight.T + out_bias
+
+
+def naive_layers(
+    x: torch.Tensor, depth: int, reversible: bool, branch: Callable[[int, str, torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
+    """``depth`` layers of ``branch(layer, "attn" | "ff", h)`` residual branches, sequential or reversible (two
+    streams coupled as ``x1 += attn(x2)``, ``x2 += ff(x1)``, averaged at the end)."""
+    if reversible:
+        x1, x2 = x, x
+        for layer in range(depth):
+            x1 = x1 + branch(layer, "attn", x2)
+            x2 = x2 + branch(layer, "ff", x1)
+        return (x1 + x2) / 2
+    for layer in range(depth):
+        x = x + branch(layer, "attn", x)
+        x = x + branch(layer, "ff", x)
+    return x
+
+
 def naive_logits(model: DALLE, text_ids: torch.Tensor, image_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(text_logits [B, T, V_text], image_logits [B, N, V_image])`` for full-length text and image ids."""
     c = model.config
@@ -162,28 +205,10 @@ def naive_logits(model: DALLE, text_ids: torch.Tensor, image_ids: torch.Tensor) 
             return h
 
         def attention(h: torch.Tensor, attn: torch.nn.Module, mask: torch.Tensor) -> torch.Tensor:
-            inner = c.heads * c.dim_head
-            qkv = h @ attn.to_qkv.weight.T
-            heads = []
-            for head in range(c.heads):
-                part = slice(head * c.dim_head, (head + 1) * c.dim_head)
-                q, k, v = (qkv[:, offset + part.start : offset + part.stop] for offset in (0, inner, 2 * inner))
-                if angles is not None:
-                    q, k, v = naive_rotate(q, angles), naive_rotate(k, angles), naive_rotate(v, angles)
-                scores = (q @ k.T / math.sqrt(c.dim_head)).masked_fill(~mask, float("-inf"))
-                heads.append(torch.softmax(scores, dim=-1) @ v)
-            return torch.cat(heads, dim=-1) @ attn.to_out.weight.T + attn.to_out.bias
+            weights = (attn.to_qkv.weight, attn.to_out.weight, attn.to_out.bias)
+            return naive_heads_attention(h, *weights, c.heads, c.dim_head, mask, angles)
 
-        if c.reversible:
-            x1, x2 = x, x
-            for i in range(c.depth):
-                x1 = x1 + branch(i, "attn", x2)
-                x2 = x2 + branch(i, "ff", x1)
-            x = (x1 + x2) / 2
-        else:
-            for i in range(c.depth):
-                x = x + branch(i, "attn", x)
-                x = x + branch(i, "ff", x)
+        x = naive_layers(x, c.depth, c.reversible, branch)
         if c.stable:
             x = x / x.max(dim=-1, keepdim=True).values
         logits = layer_norm(x, model.norm) @ model.to_logits.weight.T + model.to_logits.bias

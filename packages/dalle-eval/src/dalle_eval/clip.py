@@ -21,7 +21,8 @@ from typing import Any
 
 import torch
 
-from dalle_core.errors import CheckpointError, ConfigError, MissingExtraError, ShapeError
+from dalle_core.errors import CheckpointError, ConfigError, ShapeError
+from dalle_core.extras import require_extra
 from dalle_core.images import to_pil
 from dalle_eval.weights import require_weights
 
@@ -31,11 +32,7 @@ WEIGHTS_FILE = "open_clip_model.safetensors"
 
 def import_open_clip() -> Any:
     """``open_clip``, or a :class:`MissingExtraError` naming the ``clip`` extra."""
-    try:
-        import open_clip
-    except ImportError:
-        raise MissingExtraError("open_clip", "clip", "dalle-eval") from None
-    return open_clip
+    return require_extra("open_clip", "dalle-eval", "clip")
 
 
 class ClipScorer:

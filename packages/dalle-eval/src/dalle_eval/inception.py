@@ -10,7 +10,8 @@ from pathlib import Path
 
 import torch
 
-from dalle_core.errors import CheckpointError, MissingExtraError
+from dalle_core.errors import CheckpointError
+from dalle_core.extras import require_extra
 from dalle_eval.weights import require_weights
 
 FID_INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
@@ -44,10 +45,7 @@ class FidInception:
 def load_fid_inception(weights: str | Path | None, device: torch.device | str = "cpu") -> FidInception:
     """torch-fidelity's ``FeatureExtractorInceptionV3`` from the local file ``weights`` (needs the metrics extra)."""
     path = require_weights(weights, "FID Inception", FID_INCEPTION_HINT)
-    try:
-        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-    except ImportError:
-        raise MissingExtraError("torch-fidelity", "metrics", "dalle-eval") from None
+    fidelity = require_extra("torch_fidelity.feature_extractor_inceptionv3", "dalle-eval", "metrics")
     # torch-fidelity unpickles the file without restriction; loading it restricted first means a file that would run
     # code (or is not a state dict at all) is refused before that.
     try:
@@ -56,5 +54,7 @@ def load_fid_inception(weights: str | Path | None, device: torch.device | str = 
         raise CheckpointError(f"{path} is not a PyTorch state dict file: {str(error).splitlines()[0]}") from None
     if not isinstance(state, dict) or "fc.weight" not in state:
         raise CheckpointError(f"{path} does not hold the FID Inception weights (no fc.weight); {FID_INCEPTION_HINT}")
-    network = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(path))
+    network = fidelity.FeatureExtractorInceptionV3(
+        "inception-v3-compat", ["2048"], feature_extractor_weights_path=str(path)
+    )
     return FidInception(network, device)

@@ -13,7 +13,6 @@ import importlib.util
 from pathlib import Path
 
 from dalle_core.errors import ConfigError, MissingExtraError
-from dalle_tokenizers.extras import PACKAGE
 
 VOCAB_FILE_NAME = "bpe_simple_vocab_16e6.txt.gz"
 NUM_MERGES = 49152 - 256 - 2
@@ -26,7 +25,7 @@ class ClipVocabularyNotFoundError(MissingExtraError):
     """Neither a vocabulary path was given nor is ``open-clip-torch`` (which ships the file) installed."""
 
     def __init__(self) -> None:
-        super().__init__("open_clip", "clip", PACKAGE)
+        super().__init__("open_clip", "clip", "dalle-tokenizers")
         message = f"{self.args[0]}; or pass the path of CLIP's {VOCAB_FILE_NAME} as vocab_path"
         self.args = (message,)
         self.msg = message  # ImportError prints ``msg``, not ``args``

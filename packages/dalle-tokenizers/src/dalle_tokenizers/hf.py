@@ -18,7 +18,7 @@ import torch
 
 from dalle_core.checkpoint import atomic_directory
 from dalle_core.errors import ConfigError
-from dalle_tokenizers.extras import require
+from dalle_core.extras import require_extra
 from dalle_tokenizers.fixed_length import pack_rows, rows_to_decode, strip_trailing
 from dalle_tokenizers.padding import COMMON_PAD_TOKENS, choose_pad_id, vocab_size_with_padding
 from dalle_tokenizers.specs import read_options, saved_file, write_spec
@@ -36,7 +36,7 @@ class HfOptions:
 
 def read_tokenizer_file(path: Path) -> Any:
     """A ``tokenizers.Tokenizer`` from a local ``tokenizer.json``."""
-    tokenizers = require("tokenizers", "hf")
+    tokenizers = require_extra("tokenizers", "dalle-tokenizers", "hf")
     if not path.is_file():
         raise ConfigError(f"path: expected a Hugging Face {FILE_NAME}, found no file at {path}")
     try:

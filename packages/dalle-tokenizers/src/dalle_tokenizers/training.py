@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Literal, get_args
 
 from dalle_core.errors import ConfigError, DataError
-from dalle_tokenizers.extras import require
+from dalle_core.extras import require_extra
 
 BpeKind = Literal["hf-bpe", "yttm"]
 BPE_KINDS: tuple[str, ...] = get_args(BpeKind)
@@ -88,7 +88,7 @@ def _write_corpus(texts: Iterable[str], corpus: Path) -> int:
 
 
 def _train_hf_bpe(corpus: Path, vocab_size: int, output: Path) -> None:
-    tokenizers = require("tokenizers", "hf")
+    tokenizers = require_extra("tokenizers", "dalle-tokenizers", "hf")
     from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
 
     tokenizer = tokenizers.Tokenizer(models.BPE())
@@ -107,7 +107,7 @@ def _train_hf_bpe(corpus: Path, vocab_size: int, output: Path) -> None:
 
 
 def _train_yttm(corpus: Path, vocab_size: int, output: Path) -> None:
-    youtokentome = require("youtokentome", "yttm")
+    youtokentome = require_extra("youtokentome", "dalle-tokenizers", "yttm")
     try:
         youtokentome.BPE.train(
             data=str(corpus), model=str(output), vocab_size=vocab_size, pad_id=0, unk_id=1, bos_id=2, eos_id=3

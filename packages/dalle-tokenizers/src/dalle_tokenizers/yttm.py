@@ -17,7 +17,7 @@ import torch
 
 from dalle_core.checkpoint import atomic_directory
 from dalle_core.errors import ConfigError
-from dalle_tokenizers.extras import require
+from dalle_core.extras import require_extra
 from dalle_tokenizers.fixed_length import pack_rows, rows_to_decode, strip_trailing
 from dalle_tokenizers.padding import choose_pad_id, vocab_size_with_padding
 from dalle_tokenizers.specs import read_options, saved_file, write_spec
@@ -58,7 +58,7 @@ def check_model_format(path: Path) -> None:
 
 def read_model_file(path: Path) -> Any:
     """A ``youtokentome.BPE`` from a model file."""
-    youtokentome = require("youtokentome", "yttm")
+    youtokentome = require_extra("youtokentome", "dalle-tokenizers", "yttm")
     check_model_format(path)
     try:
         return youtokentome.BPE(model=str(path), n_threads=1)
@@ -74,7 +74,7 @@ class YttmTokenizer:
     def __init__(self, path: str | Path, pad_id: int | None = None) -> None:
         self.path = Path(path)
         self._bpe = read_model_file(self.path)
-        self._youtokentome = require("youtokentome", "yttm")
+        self._youtokentome = require_extra("youtokentome", "dalle-tokenizers", "yttm")
         vocabulary: list[str] = self._bpe.vocab()
         self.base_vocab_size = len(vocabulary)
         ids = {token: index for index, token in enumerate(vocabulary)}

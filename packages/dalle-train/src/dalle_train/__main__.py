@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from dalle_core.allocator import keep_large_buffers
 from dalle_core.errors import DalleError
 
 
@@ -16,6 +17,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", required=True)
     parser.add_argument("--fresh", action="store_true", help="delete OUTPUT first instead of resuming")
     args = parser.parse_args(argv)
+    keep_large_buffers()
     from dalle_train.run import run_training
     from dalle_train.run_config import load_run_config
 

@@ -77,6 +77,10 @@ class LoopConfig:
     loop measures the validation loss (at most ``validation_batches`` micro-batches per process) and writes a sample
     grid; every ``checkpoint_every`` steps it writes a checkpoint and keeps the newest ``keep_last``.
     ``ema_decay`` > 0 keeps an exponential moving average of the weights, used for samples and exported models.
+    ``compile`` runs the model's forward (and so its backward) through ``torch.compile`` (``nn.Module.compile``: the
+    weights, their names and the checkpoints stay those of the plain model); it pays off on GPUs, costs a compile
+    of tens of seconds at the start and after each switch between training and validation, and needs a C++
+    compiler on CPUs.
     A step whose loss or gradients are not finite is skipped (and reported); ``max_nonfinite_steps`` such steps in a
     row stop the run.
     """
@@ -85,6 +89,7 @@ class LoopConfig:
     batch_size: int = 32
     grad_accum_steps: int = 1
     precision: Precision = "fp32"
+    compile: bool = False
     ema_decay: float = 0.0
     sample_every: int = 250
     validation_batches: int = 16

@@ -134,7 +134,10 @@ class _Training:
         if isinstance(backend, LoopAwareBackend):  # DeepSpeed builds its engine from these
             backend.configure_loop(LoopSettings.of(task.name, loop, optimizer_config, backend.world_size))
         torch.manual_seed(loop.seed)  # the same initial weights on every process (FSDP shards them as they are)
-        self.model, self.optimizer = backend.prepare(task.build_model(), lambda m: build_adamw(m, optimizer_config))
+        model = task.build_model()
+        if loop.compile:
+            model.compile()  # in place: DDP/FSDP/DeepSpeed wrap it as usual, state-dict names are unchanged
+        self.model, self.optimizer = backend.prepare(model, lambda m: build_adamw(m, optimizer_config))
         if backend.rank:
             torch.manual_seed(loop.seed + backend.rank)  # different dropout masks per process
         self.module = backend.unwrap(self.model)

@@ -9,22 +9,14 @@ network connection (``wandb sync`` uploads them later).
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 from typing import Any
 
 from rich.progress import Progress, TaskID
 
-from dalle_core.errors import MissingExtraError
+from dalle_core.extras import require_extra
 from dalle_train.progress import MetricsLog, console, make_progress
 from dalle_train.run_config import LoggingConfig
-
-
-def _import_extra(module: str, extra: str) -> Any:
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        raise MissingExtraError(extra, extra, "dalle-train") from None
 
 
 class RunLogger:
@@ -46,12 +38,14 @@ class RunLogger:
         if self.jsonl is not None:
             self.jsonl.truncate_after(completed)
         if self.config.tensorboard:
-            tensorboard = _import_extra("torch.utils.tensorboard", "tensorboard")
+            tensorboard = require_extra(
+                "torch.utils.tensorboard", "dalle-train", "tensorboard", top_level="tensorboard"
+            )
             self._tensorboard = tensorboard.SummaryWriter(
                 log_dir=str(self.run_dir / "tensorboard"), purge_step=completed + 1
             )
         if self.config.wandb:
-            wandb = _import_extra("wandb", "wandb")
+            wandb = require_extra("wandb", "dalle-train", "wandb")
             self._wandb = wandb.init(
                 project=self.config.wandb_project,
                 name=f"{self.run_dir.parent.name}/{self.run_dir.name}",

@@ -23,7 +23,7 @@ from dalle_transformer.kernels import (
     attend_rows,
     flex_available,
 )
-from dalle_transformer.linear import Linear
+from dalle_transformer.linear import Linear, linear
 from dalle_transformer.masks import AttentionPattern
 from dalle_transformer.rotary import rotate
 from dalle_transformer.shift import TokenShift
@@ -41,6 +41,8 @@ class PassContext:
     rotary: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, sin of positions start..start+n
     shift: TokenShift | None = None
     stable: bool = False
+    # One new position after a filled cache, without autograd (a decoding step): layers take their few-op path.
+    single: bool = False
 
 
 class Attention(nn.Module):
@@ -56,11 +58,13 @@ class Attention(nn.Module):
     def forward(
         self, x: torch.Tensor, pattern: AttentionPattern, context: PassContext, layer_index: int
     ) -> torch.Tensor:
+        if context.single:
+            return self._one_position(x, pattern, context, layer_index)
         batch, n, _ = x.shape
-        q, k, v = self.to_qkv(x).view(batch, n, 3, self.heads, self.dim_head).permute(2, 0, 3, 1, 4).unbind(0)
+        qkv = self.to_qkv(x).view(batch, n, 3, self.heads, self.dim_head).permute(2, 0, 3, 1, 4)
         if context.rotary is not None:
-            cos, sin = context.rotary
-            q, k, v = rotate(q, cos, sin), rotate(k, cos, sin), rotate(v, cos, sin)
+            qkv = rotate(qkv, *context.rotary)
+        q, k, v = qkv.unbind(0)
         dropout_p = self.dropout if self.training else 0.0
         cache = context.cache
         if cache is not None:
@@ -72,6 +76,22 @@ class Attention(nn.Module):
         else:
             out = attend_rows(q, keys, values, pattern, context.start, dropout_p)
         return self.to_out(out.transpose(1, 2).reshape(batch, n, self.heads * self.dim_head))
+
+    def _one_position(
+        self, x: torch.Tensor, pattern: AttentionPattern, context: PassContext, layer_index: int
+    ) -> torch.Tensor:
+        """``forward`` for one position (``x``: ``[B, 1, dim]``) written after the cache's ``context.start`` ones:
+        the same products, with the heads as views of one projection and no per-call checks."""
+        batch = x.shape[0]
+        qkv = linear(x.reshape(batch, -1), self.to_qkv.weight)
+        qkv = qkv.view(batch, 3, self.heads, 1, self.dim_head).transpose(0, 1)  # [3, B, heads, 1, dim_head]
+        if context.rotary is not None:
+            qkv = rotate(qkv, *context.rotary)
+        q, k, v = qkv.unbind(0)
+        assert context.cache is not None  # PassContext.single implies a cache
+        keys, values = context.cache.write(layer_index, k, v)
+        out = attend_decode(q, keys, values, pattern, context.start)
+        return linear(out.reshape(batch, -1), self.to_out.weight, self.to_out.bias).view(batch, 1, -1)
 
     @staticmethod
     def _whole_sequence(
@@ -102,6 +122,12 @@ class Attention(nn.Module):
                     stacklevel=2,
                 )
         return attend_efficient(q, k, v, pattern, dropout_p, context.stable)
+
+
+def is_decoding_step(cache: KVCache | None, n: int, training: bool) -> bool:
+    """Whether a pass over ``n`` positions is one step of incremental decoding (``PassContext.single``): one new
+    position after a filled cache, in eval mode, without autograd."""
+    return cache is not None and cache.length > 0 and n == 1 and not (training or torch.is_grad_enabled())
 
 
 # Whether the auto backend may still try FlexAttention in this process (a failed torch.compile turns it off).

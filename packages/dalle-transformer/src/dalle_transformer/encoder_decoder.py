@@ -34,7 +34,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from dalle_core.errors import ConfigError, ShapeError
-from dalle_transformer.attention import PassContext
+from dalle_transformer.attention import PassContext, is_decoding_step
 from dalle_transformer.cache import KVCache
 from dalle_transformer.config import DALLEConfig
 from dalle_transformer.cross_attention import MemoryAttention, ResidualBranch
@@ -127,21 +127,12 @@ class EncoderDecoderDALLE(DALLE):
         self.patterns = tuple(dataclasses.replace(p, text_len=1) for p in layer_patterns(config))
         self.token_shift = None
         self.attention_backend = "auto"
-        positions = torch.arange(config.image_seq_len)
-        self.register_buffer("image_rows", positions // config.image_fmap_size, persistent=False)
-        self.register_buffer("image_cols", positions % config.image_fmap_size, persistent=False)
-        pad_ids = config.num_text_tokens + torch.arange(config.text_seq_len)
-        self.register_buffer("text_pad_ids", pad_ids, persistent=False)
+        self._register_position_buffers()
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         """GPT-style init as the decoder-only model: N(0, 0.02), zero biases, residual outputs scaled down."""
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, std=0.02)
-            if isinstance(module, nn.Linear) and module.bias is not None:
-                nn.init.zeros_(module.bias)
-        nn.init.normal_(self.bos, std=0.02)
+        self._init_weights()
         encoder_std = 0.02 / (2 * self.config.num_encoder_layers) ** 0.5
         for encoder_layer in self.encoder_layers():
             nn.init.normal_(encoder_layer.attn.to_out.weight, std=encoder_std)
@@ -210,7 +201,8 @@ class EncoderDecoderDALLE(DALLE):
             raise ShapeError(f"the decoder reads at most {config.image_seq_len} positions, got up to {start + n}")
         if config.stable:
             x = x * 0.1 + x.detach() * 0.9
-        context = PassContext(start, cache, self.attention_backend, None, None, config.stable)
+        single = is_decoding_step(cache, n, self.training)
+        context = PassContext(start, cache, self.attention_backend, None, None, config.stable, single)
         recompute = config.gradient_checkpointing and self.training and torch.is_grad_enabled() and cache is None
         for i, layer in enumerate(self.decoder_layers()):
             args = (x, self.patterns[i], context, memory.keys[i], memory.values[i])

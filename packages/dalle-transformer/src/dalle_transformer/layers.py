@@ -9,6 +9,7 @@ owns them only when it is the first of its id, so each shared weight is stored o
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +18,7 @@ from torch.utils.checkpoint import checkpoint
 
 from dalle_transformer.attention import Attention, PassContext
 from dalle_transformer.config import DALLEConfig
-from dalle_transformer.linear import Linear
+from dalle_transformer.linear import Linear, linear
 from dalle_transformer.masks import AttentionPattern
 
 
@@ -42,6 +43,17 @@ class FeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
+
+    def one_position(self, x: torch.Tensor) -> torch.Tensor:
+        """``forward`` in eval mode for one position per row (``x``: ``[B, 1, dim]``), without module calls."""
+        first, activation, _, last = cast(tuple[nn.Linear, nn.Module, nn.Module, nn.Linear], tuple(self.net))
+        hidden = linear(x.reshape(x.shape[0], -1), first.weight, first.bias)
+        if isinstance(activation, GEGLU):
+            value, gate = hidden.chunk(2, dim=-1)
+            hidden = value * F.gelu(gate)
+        else:
+            hidden = activation(hidden)
+        return linear(hidden, last.weight, last.bias).reshape(x.shape)
 
 
 def layer_scale_init(layer_number: int) -> float:
@@ -94,7 +106,8 @@ class Block(nn.Module):
         return h * self.attn_scale if self.layer_scale else h
 
     def feed_forward_branch(self, x: torch.Tensor, ff: FeedForward, context: PassContext) -> torch.Tensor:
-        h = ff(self._shift(self.ff_norm(x), context, 1))
+        h = self._shift(self.ff_norm(x), context, 1)
+        h = ff.one_position(h) if context.single else ff(h)
         if self.sandwich_norm:
             h = self.ff_out_norm(h)
         return h * self.ff_scale if self.layer_scale else h

@@ -26,7 +26,7 @@ from dalle_core.checkpoint import CONFIG_FILE, atomic_directory, load_weights, r
 from dalle_core.config import from_dict, to_dict
 from dalle_core.errors import CheckpointError, ConfigError, ShapeError
 from dalle_transformer import generation
-from dalle_transformer.attention import ATTENTION_BACKENDS, PassContext
+from dalle_transformer.attention import ATTENTION_BACKENDS, PassContext, is_decoding_step
 from dalle_transformer.cache import KVCache
 from dalle_transformer.config import DALLEConfig
 from dalle_transformer.inputs import check_image_ids, check_image_prefix, check_text_ids
@@ -111,25 +111,34 @@ class DALLE(nn.Module):
         self.patterns = layer_patterns(config)
         self.token_shift = TokenShift(config) if config.shift_tokens else None
         self.attention_backend = "auto"
-        positions = torch.arange(config.image_seq_len)
-        self.register_buffer("image_rows", positions // config.image_fmap_size, persistent=False)
-        self.register_buffer("image_cols", positions % config.image_fmap_size, persistent=False)
-        pad_ids = config.num_text_tokens + torch.arange(config.text_seq_len)
-        self.register_buffer("text_pad_ids", pad_ids, persistent=False)
+        self._register_position_buffers()
         if config.rotary_emb:
             angles = rotary_angles(config.text_seq_len, config.image_fmap_size, config.dim_head)
             self.register_buffer("rotary_cos", angles.cos(), persistent=False)
             self.register_buffer("rotary_sin", angles.sin(), persistent=False)
         self.reset_parameters()
 
-    def reset_parameters(self) -> None:
-        """GPT-style init: N(0, 0.02) weights, zero biases, residual projections scaled by 1/sqrt(2 * depth)."""
+    def _register_position_buffers(self) -> None:
+        """Image row/column of each image position and each text position's padding id (derived, not saved)."""
+        config = self.config
+        positions = torch.arange(config.image_seq_len)
+        self.register_buffer("image_rows", positions // config.image_fmap_size, persistent=False)
+        self.register_buffer("image_cols", positions % config.image_fmap_size, persistent=False)
+        pad_ids = config.num_text_tokens + torch.arange(config.text_seq_len)
+        self.register_buffer("text_pad_ids", pad_ids, persistent=False)
+
+    def _init_weights(self) -> None:
+        """N(0, 0.02) for every linear and embedding weight and BOS, zero biases (before residual scaling)."""
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, std=0.02)
             if isinstance(module, nn.Linear) and module.bias is not None:
                 nn.init.zeros_(module.bias)
         nn.init.normal_(self.bos, std=0.02)
+
+    def reset_parameters(self) -> None:
+        """GPT-style init: N(0, 0.02) weights, zero biases, residual projections scaled by 1/sqrt(2 * depth)."""
+        self._init_weights()
         residual_std = 0.02 / (2 * self.config.depth) ** 0.5
         for block in self.layer_blocks():
             if block.attn is not None:
@@ -226,8 +235,10 @@ class DALLE(nn.Module):
         rotary = None
         if config.rotary_emb:
             rotary = (self.rotary_cos[start : start + n], self.rotary_sin[start : start + n])
-        context = PassContext(start, cache, self.attention_backend, rotary, self.token_shift, config.stable)
-        branches = [self._branches(i, context) for i in range(config.depth)]
+        single = is_decoding_step(cache, n, self.training)
+        context = PassContext(start, cache, self.attention_backend, rotary, self.token_shift, config.stable, single)
+        blocks = cast(list[Block], list(self.blocks))  # a list: ModuleList indexing is slow next to a decoding step
+        branches = [self._branches(blocks, i, context) for i in range(config.depth)]
         if config.reversible:
             x = run_reversible(branches, x, list(self.blocks.parameters()))
         else:
@@ -238,11 +249,11 @@ class DALLE(nn.Module):
         return x
 
     def _branches(
-        self, index: int, context: PassContext
+        self, blocks: Sequence[Block], index: int, context: PassContext
     ) -> tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]:
-        block = cast(Block, self.blocks[index])
-        attn = cast(Block, self.blocks[self.attn_owner[index]]).attn
-        ff = cast(Block, self.blocks[self.ff_owner[index]]).ff
+        block = blocks[index]
+        attn = blocks[self.attn_owner[index]].attn
+        ff = blocks[self.ff_owner[index]].ff
         assert attn is not None and ff is not None  # owners hold their modules by construction
         return (
             functools.partial(block.attention_branch, attn=attn, pattern=self.patterns[index], context=context),

@@ -40,7 +40,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from dalle_core.errors import CheckpointError, ConfigError, MissingExtraError
+from dalle_core.errors import CheckpointError, ConfigError
+from dalle_core.extras import require_extra
 from dalle_train.backends.base import LoopSettings, OptimizerFactory, StepResult
 from dalle_train.backends.deepspeed_config import engine_config, read_user_config, zero_stage
 from dalle_train.backends.state_files import read_full_state
@@ -54,13 +55,7 @@ _GROUP_HYPERPARAMETERS = ("lr", "betas", "eps", "weight_decay")
 
 def import_deepspeed() -> Any:
     """The ``deepspeed`` module, or ``MissingExtraError`` naming ``dalle-train[deepspeed]``."""
-    try:
-        import deepspeed
-    except ModuleNotFoundError as error:
-        if error.name != "deepspeed":
-            raise
-        raise MissingExtraError("deepspeed", "deepspeed", "dalle-train") from None
-    return deepspeed
+    return require_extra("deepspeed", "dalle-train", "deepspeed")
 
 
 class DeepSpeedBackend(DDPBackend):

@@ -16,7 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from dalle_core.errors import ConfigError, MissingExtraError
+from dalle_core.errors import ConfigError
+from dalle_core.extras import require_extra
 from dalle_train.backends.base import OptimizerFactory, StepResult
 from dalle_train.backends.torch_backends import SingleBackend, pick_device
 from dalle_train.run_config import BackendConfig
@@ -24,13 +25,7 @@ from dalle_train.run_config import BackendConfig
 
 def import_horovod() -> ModuleType:
     """``horovod.torch``, or ``MissingExtraError`` naming ``dalle-train[horovod]``."""
-    try:
-        import horovod.torch as hvd
-    except ModuleNotFoundError as error:
-        if (error.name or "").split(".")[0] != "horovod":
-            raise
-        raise MissingExtraError("horovod", "horovod", "dalle-train") from None
-    return hvd
+    return require_extra("horovod.torch", "dalle-train", "horovod")
 
 
 class HorovodBackend(SingleBackend):

