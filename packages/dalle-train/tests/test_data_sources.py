@@ -11,10 +11,12 @@ import numpy as np
 import pytest
 import torch
 from conftest import read_metrics
+from PIL import Image
 
 from dalle_core.config import from_dict
-from dalle_core.errors import DataError, ShapeError
+from dalle_core.errors import ConfigError, DataError, ShapeError
 from dalle_tokenizers import SimpleTokenizer
+from dalle_train.datasets.build import open_sources
 from dalle_train.datasets.folder import ImageTextFolder
 from dalle_train.datasets.samples import SkipUnreadable
 from dalle_train.datasets.shapes import ShapeSpec, render
@@ -22,7 +24,7 @@ from dalle_train.datasets.streams import MapBatchStream, RankBatches, StreamBatc
 from dalle_train.datasets.tar_shards import TarShardStream, expand_braces, expand_shards, write_tar_shard
 from dalle_train.datasets.token_shards import TokenShards, read_token_index, write_token_shards
 from dalle_train.run import run_training
-from dalle_train.run_config import RunConfig
+from dalle_train.run_config import DataConfig, RunConfig
 from dalle_vae import DiscreteVAE, DiscreteVAEConfig
 
 COLOURS = ("red", "green", "blue", "yellow", "cyan", "purple")
@@ -141,6 +143,56 @@ def test_shards_are_split_over_ranks_and_workers_and_shuffled_per_epoch():
     assert streams[0].shards_for() != first
     with pytest.raises(DataError, match="2 shards cannot be split over 3 processes"):
         TarShardStream(shards[:2], 16, 0, 3)
+
+
+def write_noise_png(path, seed: int, size: int = 48) -> None:
+    pixels = np.random.default_rng(seed).integers(0, 256, (size, size + 8, 3), dtype=np.uint8)  # not square
+    Image.fromarray(pixels).save(path)
+
+
+def test_random_crops_are_drawn_per_sample_and_epoch_and_validation_stays_centred(tmp_path):
+    root = tmp_path / "noise"
+    root.mkdir()
+    for index in range(4):
+        write_noise_png(root / f"{index}.png", index)
+        (root / f"{index}.txt").write_text("\n".join(f"caption {index} {k}" for k in range(5)) + "\n")
+    centred = ImageTextFolder(root, 16, seed=1)
+    cropped = ImageTextFolder(root, 16, seed=1, min_crop_area=0.5)
+    assert torch.equal(cropped.read(2, 3)["image"], cropped.read(2, 3)["image"]), "the same draw for (epoch, index)"
+    assert cropped.read(2, 3)["caption"] == centred.read(2, 3)["caption"], "captions are drawn as without crops"
+    by_epoch = [cropped.read(2, epoch)["image"] for epoch in range(8)]
+    assert len({tuple(image.flatten()[:32].tolist()) for image in by_epoch}) >= 7, "a new crop every epoch"
+    assert not any(torch.equal(image, centred.read(2, epoch)["image"]) for epoch, image in enumerate(by_epoch))
+    assert torch.equal(cropped.centre_cropped().read(2, 5)["image"], centred.read(2, 5)["image"])
+
+    # A held-out fraction of a randomly cropped folder is validated on centred crops.
+    config = DataConfig(kind="folder", path=str(root), validation_fraction=0.5, random_crop_min_area=0.5, seed=1)
+    sources = open_sources(config, 16)
+    held = sources.validation.indices[0]
+    assert torch.equal(sources.validation.read(0, 4)["image"], centred.read(held, 4)["image"])
+    trained = sources.train.indices[0]
+    assert torch.equal(sources.train.read(0, 4)["image"], cropped.read(trained, 4)["image"])
+
+    # WebDataset shards: the same crops for the same epoch (a resumed stream replays them), new ones next epoch.
+    write_tar_shard(
+        tmp_path / "noise.tar",
+        [(str(index), (root / f"{index}.png").read_bytes(), "png", f"caption {index}") for index in range(4)],
+    )
+    stream = TarShardStream([str(tmp_path / "noise.tar")], 16, shuffle=False, min_crop_area=0.5)
+    first, again = [s.item["image"] for s in stream], [s.item["image"] for s in stream]
+    stream.epoch = 1
+    later = [s.item["image"] for s in stream]
+    plain = [s.item["image"] for s in TarShardStream([str(tmp_path / "noise.tar")], 16, shuffle=False)]
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+    assert not any(torch.equal(a, b) for a, b in zip(first, later, strict=True))
+    assert not any(torch.equal(a, b) for a, b in zip(first, plain, strict=True))
+
+
+def test_random_crop_config_is_checked():
+    with pytest.raises(ConfigError, match=r"random_crop_min_area must be in \(0, 1\], got 0"):
+        DataConfig(kind="folder", path="x", random_crop_min_area=0)
+    with pytest.raises(ConfigError, match="applies to folder and webdataset images; data.kind=shapes"):
+        DataConfig(kind="shapes", random_crop_min_area=0.75)
 
 
 def write_shards(root, count: int = 3, per_shard: int = 4):
@@ -289,7 +341,12 @@ def test_webdataset_run_trains_both_stages(tmp_path):
     write_shards(tmp_path / "shards", count=2, per_shard=6)
     config = {
         "stages": ["vae", "dalle"],
-        "data": {"kind": "webdataset", "path": f"{tmp_path}/shards/shard-{{0..1}}.tar", "shuffle_buffer": 4},
+        "data": {
+            "kind": "webdataset",
+            "path": f"{tmp_path}/shards/shard-{{0..1}}.tar",
+            "shuffle_buffer": 4,
+            "random_crop_min_area": 0.75,
+        },
         "vae": {
             "vae": {"image_size": 16, "num_layers": 2, "num_tokens": 16, "codebook_dim": 8, "hidden_dim": 8},
             "loop": {"steps": 3, "batch_size": 4, "log_every": 1, "sample_every": 3, "checkpoint_every": 3},

@@ -20,14 +20,38 @@ def to_pil(image: torch.Tensor) -> Image.Image:
     return Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array)
 
 
-def from_pil(image: Image.Image, size: int | None = None) -> torch.Tensor:
-    """A PIL image -> ``float32[3, H, W]`` in ``[0, 1]``, resized (bicubic, centre-cropped to square) if ``size``."""
+def square_crop(
+    width: int, height: int, min_area: float = 1.0, rng: np.random.Generator | None = None
+) -> tuple[int, int, int]:
+    """``(left, top, side)`` of a square crop of a ``width x height`` image.
+
+    The centred largest square; or, with ``min_area < 1`` and an ``rng``, a random square whose area is a uniform
+    fraction in ``[min_area, 1]`` of the largest square's, at a uniform position (DALLE-pytorch's
+    ``RandomResizedCrop(scale=(min_area, 1), ratio=(1, 1))``, measured against the largest square rather than the
+    whole image, so every draw fits and none falls back to the centre).
+    """
+    largest = min(width, height)
+    if rng is None or min_area >= 1.0:
+        return (width - largest) // 2, (height - largest) // 2, largest
+    side = max(1, round(largest * math.sqrt(rng.uniform(min_area, 1.0))))
+    return int(rng.integers(width - side + 1)), int(rng.integers(height - side + 1)), side
+
+
+def from_pil(
+    image: Image.Image,
+    size: int | None = None,
+    *,
+    min_crop_area: float = 1.0,
+    rng: np.random.Generator | None = None,
+) -> torch.Tensor:
+    """A PIL image -> ``float32[3, H, W]`` in ``[0, 1]``; with ``size``, a square crop (:func:`square_crop`: centred,
+    or random with ``min_crop_area < 1`` and ``rng``) resized to ``size`` (bicubic)."""
     image = image.convert("RGB")
-    if size is not None and image.size != (size, size):
+    if size is not None:
         width, height = image.size
-        side = min(width, height)
-        left, top = (width - side) // 2, (height - side) // 2
-        image = image.crop((left, top, left + side, top + side)).resize((size, size), Image.Resampling.BICUBIC)
+        left, top, side = square_crop(width, height, min_crop_area, rng)
+        if (width, height, side) != (size, size, size):  # anything but the whole image at its size
+            image = image.crop((left, top, left + side, top + side)).resize((size, size), Image.Resampling.BICUBIC)
     array = np.asarray(image, dtype=np.float32) / 255.0
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 

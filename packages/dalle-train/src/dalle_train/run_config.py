@@ -73,6 +73,11 @@ class DataConfig:
     ``validation_fraction`` of the samples (shapes and openmoji have their own held-out sets). ``image_size``
     defaults to the image tokenizer's. Long captions are cut to ``text_seq_len`` when ``truncate_captions``, else
     skipped as unreadable samples.
+
+    Images are cropped to a square and resized: training images of ``folder`` and ``webdataset`` sources get a random
+    square covering a uniform fraction in ``[random_crop_min_area, 1]`` of the largest square's area (DALLE-pytorch's
+    ``--random_resize_crop_lower_ratio``, 0.75 there by default; seeded per sample and epoch, so resuming repeats
+    them); ``1`` (the default) always takes the centred largest square, as validation does.
     """
 
     kind: Literal["shapes", "openmoji", "folder", "webdataset", "token_shards"] = "shapes"
@@ -84,6 +89,7 @@ class DataConfig:
     shuffle_buffer: int = 1000
     truncate_captions: bool = True
     seed: int = 0
+    random_crop_min_area: float = 1.0
     shapes: ShapesDataConfig = field(default_factory=ShapesDataConfig)
     openmoji: OpenMojiDataConfig = field(default_factory=OpenMojiDataConfig)
 
@@ -96,6 +102,13 @@ class DataConfig:
             raise ConfigError(f"data.image_size must be >= 1, got {self.image_size}")
         if self.shuffle_buffer < 1:
             raise ConfigError(f"data.shuffle_buffer must be >= 1, got {self.shuffle_buffer}")
+        if not 0 < self.random_crop_min_area <= 1:
+            raise ConfigError(f"data.random_crop_min_area must be in (0, 1], got {self.random_crop_min_area}")
+        if self.random_crop_min_area < 1 and self.kind not in ("folder", "webdataset"):
+            raise ConfigError(
+                f"data.random_crop_min_area applies to folder and webdataset images; data.kind={self.kind} has "
+                "none to crop (shapes and openmoji draw their own, token_shards hold ids)"
+            )
 
 
 @dataclass(frozen=True)

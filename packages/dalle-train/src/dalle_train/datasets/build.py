@@ -90,13 +90,15 @@ def open_sources(config: DataConfig, image_size: int) -> DataSources:
     if kind == "folder":
         from dalle_train.datasets.folder import ImageTextFolder
 
-        train = ImageTextFolder(config.path, image_size, config.seed)
+        train = ImageTextFolder(config.path, image_size, config.seed, config.random_crop_min_area)
         if config.validation_path is not None:
             return DataSources(
                 kind, train, ImageTextFolder(config.validation_path, image_size, config.seed), False, True
             )
-        train, validation = split_fraction(train, config.validation_fraction, config.seed)
-        return DataSources(kind, train, validation, streamed=False, has_images=True)
+        train_part, validation = split_fraction(train, config.validation_fraction, config.seed)
+        if validation is not None:
+            validation = IndexedView(train.centre_cropped(), validation.indices)
+        return DataSources(kind, train_part, validation, streamed=False, has_images=True)
     if kind == "token_shards":
         from dalle_train.datasets.token_shards import TokenShards
 
@@ -133,7 +135,15 @@ def train_stream(
 ) -> BatchStream:
     if sources.streamed:
         dataset = TarShardStream(
-            sources.train, image_size, backend.rank, backend.world_size, seed, True, config.shuffle_buffer, transform
+            sources.train,
+            image_size,
+            backend.rank,
+            backend.world_size,
+            seed,
+            True,
+            config.shuffle_buffer,
+            transform,
+            config.random_crop_min_area,
         )
         return StreamBatchStream(dataset, micro_batch, config.num_workers)
     wrapped = SkipUnreadable(sources.train, transform)

@@ -2,11 +2,13 @@
 
 ``photos/cat.jpg`` + ``photos/cat.txt`` is one sample; sub-folders are searched. Images without a caption file (or
 with an empty one) are left out when the folder is scanned, and counted in :attr:`ImageTextFolder.uncaptioned`.
-Images are converted to RGB, centre-cropped to a square and resized to ``image_size``.
+Images are converted to RGB, cropped to a square (the centred largest one, or a random one with ``min_crop_area < 1``,
+see :func:`dalle_core.images.square_crop`) and resized to ``image_size``.
 """
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -30,16 +32,17 @@ def choose_caption(captions: list[str], rng: np.random.Generator) -> str:
 
 
 class ImageTextFolder:
-    """Map-style dataset of ``{"image": float[3, S, S], "caption": str}``; the caption drawn depends on
-    ``(seed, epoch, index)``, so a resumed run draws the same ones."""
+    """Map-style dataset of ``{"image": float[3, S, S], "caption": str}``; the caption (and random crop) drawn depends
+    on ``(seed, epoch, index)``, so a resumed run draws the same ones."""
 
-    def __init__(self, root: str | Path, image_size: int, seed: int = 0) -> None:
+    def __init__(self, root: str | Path, image_size: int, seed: int = 0, min_crop_area: float = 1.0) -> None:
         root = Path(root)
         if not root.is_dir():
             raise DataError(f"image folder not found: {root}")
         self.root = root
         self.image_size = image_size
         self.seed = seed
+        self.min_crop_area = min_crop_area
         self.pairs: list[tuple[Path, Path]] = []
         self.uncaptioned: list[Path] = []
         for image in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()):
@@ -62,10 +65,17 @@ class ImageTextFolder:
     def read(self, index: int, epoch: int) -> Item:
         image_path, text_path = self.pairs[index]
         captions = caption_lines(text_path.read_text(encoding="utf-8"))
-        caption = choose_caption(captions, np.random.default_rng((self.seed, epoch, index)))
+        rng = np.random.default_rng((self.seed, epoch, index))
+        caption = choose_caption(captions, rng)
         with Image.open(image_path) as picture:
-            image = from_pil(picture, self.image_size)
+            image = from_pil(picture, self.image_size, min_crop_area=self.min_crop_area, rng=rng)
         return {"image": image, "caption": caption}
 
     def __getitem__(self, index: int) -> Item:
         return self.read(index, 0)
+
+    def centre_cropped(self) -> ImageTextFolder:
+        """The same samples, always centre-cropped (for validation)."""
+        view = copy.copy(self)
+        view.min_crop_area = 1.0
+        return view

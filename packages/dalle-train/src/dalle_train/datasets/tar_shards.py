@@ -128,7 +128,9 @@ def iter_tar_groups(stream: IO[bytes]) -> Iterator[tuple[str, dict[str, bytes]]]
         yield key, group
 
 
-def decode_group(group: dict[str, bytes], image_size: int, rng: np.random.Generator) -> Item:
+def decode_group(
+    group: dict[str, bytes], image_size: int, rng: np.random.Generator, min_crop_area: float = 1.0
+) -> Item:
     image_bytes = next((group[ext] for ext in IMAGE_EXTENSIONS if ext in group), None)
     if image_bytes is None:
         raise DataError(f"no image member (expected one of {', '.join(IMAGE_EXTENSIONS)}), got {sorted(group)}")
@@ -141,7 +143,7 @@ def decode_group(group: dict[str, bytes], image_size: int, rng: np.random.Genera
         raise DataError(f"no caption member (.txt or .json), got {sorted(group)}")
     caption = choose_caption(captions, rng)
     with Image.open(io.BytesIO(image_bytes)) as picture:
-        image = from_pil(picture, image_size)
+        image = from_pil(picture, image_size, min_crop_area=min_crop_area, rng=rng)
     return {"image": image, "caption": caption}
 
 
@@ -158,6 +160,7 @@ class TarShardStream(torch.utils.data.IterableDataset):
         shuffle: bool = True,
         shuffle_buffer: int = 1000,
         transform: ItemTransform | None = None,
+        min_crop_area: float = 1.0,
     ) -> None:
         if len(shards) < world_size:
             raise DataError(
@@ -171,6 +174,7 @@ class TarShardStream(torch.utils.data.IterableDataset):
         self.shuffle = shuffle
         self.shuffle_buffer = max(1, shuffle_buffer)
         self.transform = transform
+        self.min_crop_area = min_crop_area
         self.epoch = 0
 
     def shards_for(self, worker: int = 0, num_workers: int = 1) -> list[str]:
@@ -202,7 +206,7 @@ class TarShardStream(torch.utils.data.IterableDataset):
                 with open_shard(shard) as stream:
                     for key, group in iter_tar_groups(stream):
                         try:
-                            item = decode_group(group, self.image_size, rng)
+                            item = decode_group(group, self.image_size, rng, self.min_crop_area)
                             if self.transform is not None:
                                 item = self.transform(item)
                         except Exception as error:
