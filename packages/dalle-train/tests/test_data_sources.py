@@ -16,7 +16,7 @@ from PIL import Image
 from dalle_core.config import from_dict
 from dalle_core.errors import ConfigError, DataError, ShapeError
 from dalle_tokenizers import SimpleTokenizer
-from dalle_train.datasets.build import open_sources
+from dalle_train.datasets.build import first_items, open_sources
 from dalle_train.datasets.folder import ImageTextFolder
 from dalle_train.datasets.samples import SkipUnreadable
 from dalle_train.datasets.shapes import ShapeSpec, render
@@ -172,6 +172,10 @@ def test_random_crops_are_drawn_per_sample_and_epoch_and_validation_stays_centre
     assert torch.equal(sources.validation.read(0, 4)["image"], centred.read(held, 4)["image"])
     trained = sources.train.indices[0]
     assert torch.equal(sources.train.read(0, 4)["image"], cropped.read(trained, 4)["image"])
+
+    # Sample-grid references of a folder without a validation split are centre crops too.
+    alone = open_sources(DataConfig(kind="folder", path=str(root), random_crop_min_area=0.5, seed=1), 16)
+    assert torch.equal(first_items(alone, 16, 4)[0]["image"], centred.read(0, 0)["image"])
 
     # WebDataset shards: the same crops for the same epoch (a resumed stream replays them), new ones next epoch.
     write_tar_shard(

@@ -174,8 +174,12 @@ def validation_batches(
 
 
 def first_items(sources: DataSources, image_size: int, count: int) -> list[Item]:
-    """The first readable items (validation data preferred), for sample grids and prompts."""
+    """The first readable items (validation data preferred, always centre-cropped), for sample grids and prompts."""
+    from dalle_train.datasets.folder import ImageTextFolder
+
     source = sources.validation if sources.validation is not None else sources.train
+    if isinstance(source, ImageTextFolder):
+        source = source.centre_cropped()
     if sources.streamed:
         stream = TarShardStream(source, image_size, shuffle=False)
         items = []
