@@ -18,18 +18,17 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import read_metrics, step_losses, tiny_dalle_run
+from distributed_runs import RENDEZVOUS, TOLERANCE, copy_checkpoint, resume_in_one_process, torchrun
 from safetensors.torch import load_file
 from torch import nn
 
-from dalle_core.checkpoint import load_weights, write_json
+from dalle_core.checkpoint import load_weights
 from dalle_core.config import from_dict
 from dalle_core.errors import ConfigError, MissingExtraError
 from dalle_train.backends import make_backend
@@ -41,23 +40,7 @@ from dalle_train.optim import build_adamw
 from dalle_train.run import run_training
 from dalle_train.run_config import BackendConfig, RunConfig
 
-TOLERANCE = 2e-5
-RENDEZVOUS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-
-
 # ------------------------------------------------------------------------------------------------------ helpers
-
-
-def torchrun(config: dict, output: Path, tmp_path: Path, name: str) -> None:
-    config_file = tmp_path / f"{name}.json"
-    write_json(config_file, config)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    for variable in RENDEZVOUS:
-        env.pop(variable, None)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    command += ["-m", "dalle_train", "--config", str(config_file), "--output", str(output)]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, check=False)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
 
 
 def deepspeed_run(assets, stage: int | None, **loop) -> dict:
@@ -94,13 +77,6 @@ def curve_differences(run: Path, reference: dict[int, tuple[float, float]]) -> t
     losses = [abs(loss - reference[step][0]) for step, (loss, _) in steps.items()]
     norms = [abs(norm - reference[step][1]) / reference[step][1] for step, (_, norm) in steps.items()]
     return max(losses), max(norms)
-
-
-def copy_checkpoint(source_run: Path, step: int, target_run: Path) -> None:
-    source = dict(list_checkpoints(source_run / "dalle"))[step]
-    target = target_run / "dalle" / "checkpoints" / source.name
-    target.parent.mkdir(parents=True)
-    shutil.copytree(source, target)
 
 
 # ------------------------------------------------------------------------------------------------ two processes
@@ -145,9 +121,7 @@ def test_zero_stages_match_one_process_and_resume_across_backends(tmp_path, toke
 
     # One plain process resumes the ZeRO-3 run's step-6 checkpoint.
     again = tmp_path / "again"
-    copy_checkpoint(zero3, 6, again)
-    run_training(from_dict(RunConfig, tiny_dalle_run(token_assets)), again)
-    assert sorted(step_losses(again / "dalle" / "metrics.jsonl")) == [7, 8]
+    resume_in_one_process(zero3, 6, again, token_assets)
     curve_gaps.append(curve_differences(again, reference))
     weight_gaps.append(max_difference(trained(again), single_trained))
 

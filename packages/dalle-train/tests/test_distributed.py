@@ -7,70 +7,23 @@ absolute on the loss and on every trained and EMA weight after 8 AdamW steps (me
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-import sys
-
 import pytest
-import torch
 from conftest import read_metrics, step_losses, tiny_dalle_run
-from safetensors.torch import load_file
+from distributed_runs import (
+    TOLERANCE,
+    assert_close_weights,
+    copy_checkpoint,
+    final_weights,
+    resume_in_one_process,
+    torchrun,
+)
 
-from dalle_core.checkpoint import load_weights, write_json
 from dalle_core.config import from_dict
 from dalle_core.errors import ConfigError
 from dalle_train.backends import DDPBackend, make_backend
 from dalle_train.checkpoints import list_checkpoints, read_run_info
 from dalle_train.run import run_training
 from dalle_train.run_config import BackendConfig, RunConfig
-
-TOLERANCE = 2e-5
-
-
-def torchrun(config: dict, output, tmp_path, name: str) -> None:
-    config_file = tmp_path / f"{name}.json"
-    write_json(config_file, config)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    for variable in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(variable, None)
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        "-m",
-        "dalle_train",
-        "--config",
-        str(config_file),
-        "--output",
-        str(output),
-    ]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, check=False)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-
-
-def final_weights(run) -> dict[str, torch.Tensor]:
-    """The trained weights and the EMA weights (``model/``, exported for generation) of the last checkpoint."""
-    last = list_checkpoints(run / "dalle")[-1][1]
-    trained = load_file(last / "state" / "weights.safetensors")
-    averaged = load_weights(last / "model")[1]
-    return {**{f"trained.{k}": v for k, v in trained.items()}, **{f"ema.{k}": v for k, v in averaged.items()}}
-
-
-def assert_close_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert a.keys() == b.keys()
-    for name in a:
-        assert torch.allclose(a[name], b[name], atol=TOLERANCE, rtol=0), (name, float((a[name] - b[name]).abs().max()))
-
-
-def copy_checkpoint(source_run, step: int, target_run) -> None:
-    source = dict(list_checkpoints(source_run / "dalle"))[step]
-    target = target_run / "dalle" / "checkpoints" / source.name
-    target.parent.mkdir(parents=True)
-    shutil.copytree(source, target)
 
 
 def test_ddp_and_fsdp_match_one_process_and_resume_across_backends(tmp_path, token_assets):
@@ -103,9 +56,7 @@ def test_ddp_and_fsdp_match_one_process_and_resume_across_backends(tmp_path, tok
 
     # One process resumes the FSDP run's (gathered) step-6 checkpoint.
     again = tmp_path / "again"
-    copy_checkpoint(fsdp, 6, again)
-    run_training(from_dict(RunConfig, tiny_dalle_run(token_assets, ema_decay=0.9)), again)
-    assert sorted(step_losses(again / "dalle" / "metrics.jsonl")) == [7, 8]
+    resume_in_one_process(fsdp, 6, again, token_assets, ema_decay=0.9)
     assert_close_weights(final_weights(again), final_weights(single))
     assert read_metrics(again / "dalle" / "metrics.jsonl")[-1]["step"] == 8
 

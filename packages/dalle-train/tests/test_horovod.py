@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from conftest import read_metrics, step_losses, tiny_dalle_run
-from test_distributed import TOLERANCE, assert_close_weights, copy_checkpoint, final_weights
+from distributed_runs import TOLERANCE, assert_close_weights, copy_checkpoint, final_weights, resume_in_one_process
 
 from dalle_core.checkpoint import write_json
 from dalle_core.config import from_dict
@@ -68,9 +68,7 @@ def test_horovod_matches_one_process_and_resumes_across_backends(tmp_path, token
 
     # One process resumes the Horovod run's step-6 checkpoint and ends where the uninterrupted run did.
     again = tmp_path / "again"
-    copy_checkpoint(horovod, 6, again)
-    run_training(from_dict(RunConfig, tiny_dalle_run(token_assets, ema_decay=0.9)), again)
-    assert sorted(step_losses(again / "dalle" / "metrics.jsonl")) == [7, 8]
+    resume_in_one_process(horovod, 6, again, token_assets, ema_decay=0.9)
     assert_close_weights(final_weights(again), final_weights(single))
     assert read_metrics(again / "dalle" / "metrics.jsonl")[-1]["step"] == 8
 

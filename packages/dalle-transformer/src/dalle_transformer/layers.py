@@ -45,14 +45,10 @@ class FeedForward(nn.Module):
         return self.net(x)
 
     def one_position(self, x: torch.Tensor) -> torch.Tensor:
-        """``forward`` in eval mode for one position per row (``x``: ``[B, 1, dim]``), without module calls."""
+        """``forward`` in eval mode for one position per row (``x``: ``[B, 1, dim]``): no Sequential, Linear or Dropout
+        calls, and the few-row projections of :func:`linear`."""
         first, activation, _, last = cast(tuple[nn.Linear, nn.Module, nn.Module, nn.Linear], tuple(self.net))
-        hidden = linear(x.reshape(x.shape[0], -1), first.weight, first.bias)
-        if isinstance(activation, GEGLU):
-            value, gate = hidden.chunk(2, dim=-1)
-            hidden = value * F.gelu(gate)
-        else:
-            hidden = activation(hidden)
+        hidden = activation(linear(x.reshape(x.shape[0], -1), first.weight, first.bias))
         return linear(hidden, last.weight, last.bias).reshape(x.shape)
 
 
