@@ -167,6 +167,13 @@ def bench(session: nox.Session) -> None:
 
 
 @nox.session(default=False)
+def bench_gpu(session: nox.Session) -> None:
+    """GPU checks, training MFU and CUDA-graph decode latency (benchmarks/gpu.py; needs a CUDA GPU). Not a test."""
+    sync(session, "--package", "dalle-transformer")
+    session.run("python", "benchmarks/gpu.py", *session.posargs)
+
+
+@nox.session(default=False)
 def bench_peer(session: nox.Session) -> None:
     """Ours beside DALLE-pytorch 1.6.6 in the same run (its own virtualenv); ratios in docs/benchmarks.md."""
     session.install(f"torch=={locked_version('torch')}", *PEER_DEPENDENCIES)

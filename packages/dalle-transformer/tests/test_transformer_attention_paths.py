@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -133,8 +135,9 @@ def test_dropout_runs_on_every_path_in_training() -> None:
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("attn_types", STACKS[-2:], ids="+".join)
-def test_cuda_flex_matches_cpu_dense(attn_types: tuple[str, ...]) -> None:
-    config = make_config(attn_types, rotary_emb=True, shift_tokens=True)
+@pytest.mark.parametrize("dim_head", [12, 32])  # compiled FlexAttention pads head dims below 16
+def test_cuda_flex_matches_cpu_dense(attn_types: tuple[str, ...], dim_head: int) -> None:
+    config = dataclasses.replace(make_config(attn_types, rotary_emb=True, shift_tokens=True), dim_head=dim_head)
     cpu = random_model(config)
     gpu = random_model(config).cuda()
     text, image = inputs(config)

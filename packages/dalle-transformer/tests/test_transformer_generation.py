@@ -7,7 +7,9 @@ import dataclasses
 import pytest
 import torch
 
+from dalle_core.errors import ShapeError
 from dalle_transformer import DALLE, DALLEConfig
+from dalle_transformer.decode_graph import GraphedDecoder
 from dalle_transformer.generation import Sampler, sample_image_ids
 from dalle_transformer.sampling import (
     filter_top_k,
@@ -86,6 +88,51 @@ def test_cache_logits_match_teacher_forced_forward(options: dict) -> None:
     assert cache.length == CONFIG.total_seq_len
     torch.testing.assert_close(torch.stack(steps, dim=1), expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(torch.stack(uncached, dim=1), expected, rtol=1e-5, atol=1e-5)
+
+
+ATTENTION_OPTIONS = {kind: {"attn_types": (kind,)} for kind in ("axial_row", "axial_col", "conv_like", "sparse")}
+
+
+@pytest.mark.parametrize(
+    "options",
+    [*LAYER_OPTIONS.values(), *ATTENTION_OPTIONS.values()],
+    ids=[*LAYER_OPTIONS.keys(), *ATTENTION_OPTIONS.keys()],
+)
+def test_decode_step_at_device_positions_matches_decode_step(options: dict) -> None:
+    """The CUDA-graph form of a decoding step (every index a device tensor, attention over the whole cache under a
+    mask row) gives the eager step's logits and leaves the same cache, from a primed prefix on."""
+    torch.manual_seed(0)
+    model = DALLE(dataclasses.replace(CONFIG, **options)).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.normal_(0.0, 0.3)
+    image = torch.randint(0, CONFIG.num_image_tokens, (3, CONFIG.image_seq_len), generator=torch.Generator())
+    primed = 3
+    with torch.no_grad():
+        eager, tensor_positions = model.new_cache(3), model.new_cache(3)
+        # Stale values where later positions go: the mask, not zeros, must keep them out.
+        tensor_positions.keys.normal_()
+        tensor_positions.values.normal_()
+        model.prefill(TEXT, eager, image[:, :primed])
+        model.prefill(TEXT, tensor_positions, image[:, :primed])
+        for k in range(primed, CONFIG.image_seq_len - 1):
+            expected = model.decode_step(image[:, k], eager)
+            got = model._decode_step_at(image[:, k], torch.tensor([k]), tensor_positions)
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert tensor_positions.length == eager.length == CONFIG.total_seq_len
+    written = CONFIG.total_seq_len - 1  # the last image token is never fed
+    torch.testing.assert_close(tensor_positions.keys[..., :written, :], eager.keys[..., :written, :])
+    if eager.shift_inputs is not None:
+        assert tensor_positions.shift_inputs is not None
+        torch.testing.assert_close(
+            tensor_positions.shift_inputs[..., :written, :], eager.shift_inputs[..., :written, :]
+        )
+
+
+def test_device_positions_only_for_decoding_steps() -> None:
+    model = random_model()
+    with torch.no_grad(), pytest.raises(ShapeError, match="one-position decoding steps"):
+        model._decode_step_at(TEXT[:, 0], torch.tensor([0]), model.new_cache(3))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -167,6 +214,51 @@ def test_cuda_with_cpu_generator_matches_cpu() -> None:
         )
         assert ids.device.type == "cuda"
         assert torch.equal(ids.cpu(), expected)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("options", LAYER_OPTIONS.values(), ids=LAYER_OPTIONS.keys())
+def test_cuda_graph_decoding_matches_eager_steps(options: dict) -> None:
+    """Steps replayed from a CUDA graph (plain and torch.compile'd) give the eager steps' ids, with guidance and a
+    primed prefix."""
+    torch.manual_seed(0)
+    model = DALLE(dataclasses.replace(CONFIG, **options)).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.normal_(0.0, 0.3)
+    model = model.double().cuda()
+    prime = torch.randint(0, CONFIG.num_image_tokens, (3, 4), generator=torch.Generator()).cuda()
+
+    def sample() -> torch.Tensor:
+        return model.generate_image_ids(
+            TEXT.cuda(), cond_scale=2.5, top_k=9, init_image_ids=prime, generator=torch.Generator().manual_seed(5)
+        )
+
+    model.cuda_graph_decoding = False
+    eager = sample()
+    model.cuda_graph_decoding = True
+    assert torch.equal(sample(), eager)
+    check_graphed_logits(model, compile_step=False)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_compiled_cuda_graph_step_gives_the_forward_logits() -> None:
+    model = DALLE(dataclasses.replace(CONFIG, **LAYER_OPTIONS["every_option"])).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.normal_(0.0, 0.3)
+    check_graphed_logits(model.double().cuda(), compile_step=True)
+
+
+def check_graphed_logits(model: DALLE, compile_step: bool) -> None:
+    image = torch.randint(0, CONFIG.num_image_tokens, (3, CONFIG.image_seq_len), generator=torch.Generator()).cuda()
+    with torch.inference_mode():
+        expected = model(TEXT.cuda(), image).image_logits
+        cache = model.new_cache(3)
+        logits = [model.prefill(TEXT.cuda(), cache)]
+        graphed = GraphedDecoder(model, cache, compile_step=compile_step)
+        logits += [graphed(image[:, k], k) for k in range(CONFIG.image_seq_len - 1)]
+    torch.testing.assert_close(torch.stack(logits, dim=1), expected, rtol=1e-9, atol=1e-9)
 
 
 # ---------------------------------------------------------------- attention types, guidance, priming, previews
@@ -380,3 +472,20 @@ def test_row_generators_make_each_row_independent_of_the_batch() -> None:
                 TEXT[row : row + 1], generator=torch.Generator().manual_seed(seed), cond_scale=2.0, use_cache=use_cache
             )
             assert torch.equal(batched[row : row + 1], alone)
+
+
+@pytest.mark.parametrize("backend", ["auto", "flex"])
+def test_training_after_generating_with_every_attention_type(backend: str) -> None:
+    """Index tables and masks first built while generating (in inference mode) are reused by training: they must be
+    ordinary tensors, or autograd refuses them."""
+    config = dataclasses.replace(
+        CONFIG, depth=5, shift_tokens=True, attn_types=("full", "axial_row", "axial_col", "conv_like", "sparse")
+    )
+    model = DALLE(config)
+    model.set_attention_backend(backend)
+    image = torch.randint(0, CONFIG.num_image_tokens, (3, CONFIG.image_seq_len), generator=torch.Generator())
+    for use_cache in (True, False):
+        model.generate_image_ids(TEXT, use_cache=use_cache, generator=torch.Generator().manual_seed(0))
+    model.train()
+    model(TEXT, image).loss.backward()
+    assert all(p.grad is not None and bool(p.grad.isfinite().all()) for p in model.parameters() if p.requires_grad)

@@ -17,6 +17,7 @@ from torch import nn
 from dalle_transformer.cache import KVCache
 from dalle_transformer.kernels import (
     attend_decode,
+    attend_decode_at,
     attend_dense,
     attend_efficient,
     attend_flex,
@@ -43,6 +44,9 @@ class PassContext:
     stable: bool = False
     # One new position after a filled cache, without autograd (a decoding step): layers take their few-op path.
     single: bool = False
+    # A decoding step whose position is this int64[1] device tensor rather than ``start``: every index is computed
+    # on the device and attention reads the whole cache under a mask row, so the step can be captured in a CUDA graph.
+    position: torch.Tensor | None = None
 
 
 class Attention(nn.Module):
@@ -88,9 +92,14 @@ class Attention(nn.Module):
         if context.rotary is not None:
             qkv = rotate(qkv, *context.rotary)
         q, k, v = qkv.unbind(0)
-        assert context.cache is not None  # PassContext.single implies a cache
-        keys, values = context.cache.write(layer_index, k, v)
-        out = attend_decode(q, keys, values, pattern, context.start)
+        cache, position = context.cache, context.position
+        assert cache is not None  # PassContext.single implies a cache
+        if position is None:
+            keys, values = cache.write(layer_index, k, v)
+            out = attend_decode(q, keys, values, pattern, context.start)
+        else:
+            keys, values = cache.write_at(layer_index, position, k, v)
+            out = attend_decode_at(q, keys, values, pattern, position)
         return linear(out.reshape(batch, -1), self.to_out.weight, self.to_out.bias).view(batch, 1, -1)
 
     @staticmethod

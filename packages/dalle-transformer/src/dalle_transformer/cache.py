@@ -79,6 +79,29 @@ class KVCache:
         history[:, self.length + 1 : end + 1] = x[..., : history.shape[-1]]
         return history[:, : end + 1]
 
+    def write_at(
+        self, layer: int, position: torch.Tensor, keys: torch.Tensor, values: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store one position's ``keys``/``values`` (``[batch, heads, 1, dim_head]``) of ``layer`` at ``position``
+        (``int64[1]`` on the cache's device); return that layer's whole buffers, ``[batch, heads, max_len, dim_head]``.
+
+        No host-side index or check: a decode step made of these calls can be captured in a CUDA graph. Positions
+        not yet written hold zeros or stale values; the caller's mask must exclude them.
+        """
+        layer_keys, layer_values = self.keys[layer], self.values[layer]
+        layer_keys.index_copy_(2, position, keys)
+        layer_values.index_copy_(2, position, values)
+        return layer_keys, layer_values
+
+    def write_shift_input_at(self, layer: int, branch: int, position: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`write_shift_input` for one position given as ``int64[1]``; returns the whole history,
+        ``[batch, max_len + 1, shift_width]``."""
+        if self.shift_inputs is None:
+            raise ShapeError("this KV cache was made without room for token shifting (shift_width=0)")
+        history = self.shift_inputs[layer, branch]
+        history.index_copy_(1, position + 1, x[..., : history.shape[-1]])
+        return history
+
     def advance(self, n: int) -> None:
         """Mark ``n`` more positions as written (called once per forward pass, after every layer wrote)."""
         self.length += n

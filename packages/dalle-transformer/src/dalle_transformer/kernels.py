@@ -8,6 +8,7 @@
   :class:`GroupedPlan` over the image queries (scores only against the text and the gathered keys).
 - :func:`attend_flex`: FlexAttention with a block mask built from the same ``mask_mod`` (fused on CUDA).
 - :func:`attend_decode`: one new query against only the keys its mask row allows, gathered from the KV cache.
+- :func:`attend_decode_at`: the same for a query whose position is a device tensor (CUDA-graph decoding).
 - :func:`attend_rows`: several new queries after a non-empty cache (dense mask rows; not on the hot path).
 """
 
@@ -19,7 +20,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from dalle_transformer.masks import AttentionPattern
+from dalle_transformer.masks import AttentionPattern, cached_table
 from dalle_transformer.plans import GroupBucket, decode_keys, grouped_plan
 
 
@@ -105,7 +106,7 @@ def _gather_cells(t: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
     return t.index_select(2, cells.flatten()).unflatten(2, cells.shape)
 
 
-@functools.lru_cache(maxsize=64)
+@cached_table
 def _block_mask(pattern: AttentionPattern, length: int, device: torch.device):  # -> torch's BlockMask
     from torch.nn.attention.flex_attention import create_block_mask
 
@@ -151,6 +152,21 @@ def attend_decode(
     if index is not None:
         keys, values = keys[:, :, index], values[:, :, index]
     return F.scaled_dot_product_attention(q, keys, values)
+
+
+def attend_decode_at(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, pattern: AttentionPattern, position: torch.Tensor
+) -> torch.Tensor:
+    """One query (``q``: ``[B, H, 1, D]``) at ``position`` (``int64[1]`` on the device) against a whole cache
+    (``[B, H, max_len, D]``), masked by the pattern's row for that position: no host-side index, so it can be
+    captured in a CUDA graph (and reads every cached key, where :func:`attend_decode` gathers the allowed ones)."""
+    mask = _mask_rows(pattern, q.device).index_select(0, position)  # [1, max_len]
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+
+
+@cached_table
+def _mask_rows(pattern: AttentionPattern, device: torch.device) -> torch.Tensor:
+    return pattern.square_mask(pattern.max_len, device=device)
 
 
 def attend_rows(

@@ -90,6 +90,9 @@ class Block(nn.Module):
             return h
         if context.cache is None:
             return shift.shift_sequence(h)
+        if context.position is not None:
+            history = context.cache.write_shift_input_at(self.index, branch, context.position, h)
+            return shift.shift_at(history, h, context.position)
         history = context.cache.write_shift_input(self.index, branch, h)
         return shift.shift(history, h, context.start)
 

@@ -22,11 +22,31 @@ reference, the efficient paths' index tables, the KV-cached decode step and Flex
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ParamSpec, TypeVar, cast
 
 import torch
 
 from dalle_transformer.config import DALLEConfig
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+def cached_table(build: Callable[P, T]) -> Callable[P, T]:
+    """``functools.lru_cache(maxsize=64)`` for tables derived from patterns (index tables, masks), built outside
+    ``torch.inference_mode``: a table first needed while generating is reused in training, where autograd refuses
+    inference tensors."""
+
+    @functools.lru_cache(maxsize=64)
+    @functools.wraps(build)
+    def cached(*args: P.args, **kwargs: P.kwargs) -> T:
+        with torch.inference_mode(False):
+            return build(*args, **kwargs)
+
+    return cast(Callable[P, T], cached)
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ from dalle_transformer import generation
 from dalle_transformer.attention import ATTENTION_BACKENDS, PassContext, is_decoding_step
 from dalle_transformer.cache import KVCache
 from dalle_transformer.config import DALLEConfig
+from dalle_transformer.decode_graph import GraphedDecoder
 from dalle_transformer.inputs import check_image_ids, check_image_prefix, check_text_ids
 from dalle_transformer.layers import Block, run_sequential
 from dalle_transformer.linear import linear
@@ -62,6 +63,10 @@ def _owners(ids: tuple[int, ...]) -> tuple[int, ...]:
 
 class DALLE(nn.Module):
     """Autoregressive transformer over text and image token ids (never over text or images themselves)."""
+
+    # KV-cached image decoding on CUDA replays each step from one captured CUDA graph (see
+    # dalle_transformer.decode_graph); False runs the steps eagerly. The encoder-decoder architecture always does.
+    cuda_graph_decoding: bool = True
 
     # Buffers (registered in __init__), declared for type checkers.
     text_pad_ids: torch.Tensor
@@ -214,6 +219,15 @@ class DALLE(nn.Module):
         bos = self.bos.expand(text.shape[0], 1, -1)
         return torch.cat([bos, self._embed_text(text)], dim=1)
 
+    def _embed_image_at(self, image: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        """``[B, 1, dim]`` embeddings of one image id per row (``int64[B]``) at image position ``position``
+        (``int64[1]`` on the device; see :meth:`_decode_step_at`)."""
+        tokens = self._image_tokens(image[:, None])
+        if self.config.rotary_emb:
+            return tokens
+        rows, cols = self.image_rows.index_select(0, position), self.image_cols.index_select(0, position)
+        return tokens + self.image_row_emb(rows) + self.image_col_emb(cols)
+
     def _embed_image(self, image: torch.Tensor, start: int = 0) -> torch.Tensor:
         """Embeddings of image ids occupying image positions ``start..start+n`` (row + column axial positions)."""
         tokens = self._image_tokens(image)
@@ -222,21 +236,33 @@ class DALLE(nn.Module):
         end = start + image.shape[1]
         return tokens + self.image_row_emb(self.image_rows[start:end]) + self.image_col_emb(self.image_cols[start:end])
 
-    def _transform(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def _transform(
+        self, x: torch.Tensor, cache: KVCache | None = None, position: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """The layers over positions ``start..start+n`` (``start`` = what ``cache`` holds), without the final norm
-        (applied by the heads to the positions they need)."""
+        (applied by the heads to the positions they need).
+
+        ``position`` (``int64[1]`` on the device, for a decoding step only) makes the layers take every index from it
+        instead of from ``start``, so the step can be captured in a CUDA graph and replayed at other positions.
+        """
         config = self.config
         start, n = (cache.length if cache is not None else 0), x.shape[1]
         if start + n > config.total_seq_len:
             raise ShapeError(f"the transformer reads at most {config.total_seq_len} positions, got up to {start + n}")
+        single = is_decoding_step(cache, n, self.training)
+        if position is not None and not single:
+            raise ShapeError("a device-tensor position is only for one-position decoding steps after a prefill")
         if config.stable:
             # DALLE-pytorch's stable: the embeddings' gradient is scaled by 0.1, their value kept.
             x = x * 0.1 + x.detach() * 0.9
         rotary = None
-        if config.rotary_emb:
+        if config.rotary_emb and position is not None:
+            rotary = (self.rotary_cos.index_select(0, position), self.rotary_sin.index_select(0, position))
+        elif config.rotary_emb:
             rotary = (self.rotary_cos[start : start + n], self.rotary_sin[start : start + n])
-        single = is_decoding_step(cache, n, self.training)
-        context = PassContext(start, cache, self.attention_backend, rotary, self.token_shift, config.stable, single)
+        context = PassContext(
+            start, cache, self.attention_backend, rotary, self.token_shift, config.stable, single, position
+        )
         blocks = cast(list[Block], list(self.blocks))  # a list: ModuleList indexing is slow next to a decoding step
         branches = [self._branches(blocks, i, context) for i in range(config.depth)]
         if config.reversible:
@@ -353,6 +379,14 @@ class DALLE(nn.Module):
         hidden = self._transform(self._embed_image(image_ids[:, None], start=position), cache)
         return self._image_logits(hidden[:, -1])
 
+    def _decode_step_at(self, image_ids: torch.Tensor, image_position: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """:meth:`decode_step` with the image position as an ``int64[1]`` device tensor: the same logits, computed
+        without host-side indexing (capturable in a CUDA graph; :class:`dalle_transformer.decode_graph.GraphedDecoder`).
+        ``cache.length`` must still count the positions written, as for :meth:`decode_step`."""
+        sequence_position = image_position + (self.config.text_seq_len + 1)
+        hidden = self._transform(self._embed_image_at(image_ids, image_position), cache, sequence_position)
+        return self._image_logits(hidden[:, -1])
+
     def next_image_logits(self, text_ids: torch.Tensor, image_prefix: torch.Tensor) -> torch.Tensor:
         """Without a cache: logits ``[B, num_image_tokens]`` of the image token after ``image_prefix`` (``[B, k]``,
         ``k < image_seq_len``), computing the last position's logits only."""
@@ -360,18 +394,24 @@ class DALLE(nn.Module):
         hidden = self._transform(torch.cat([prefix, self._embed_image(image_prefix)], dim=1))
         return self._image_logits(hidden[:, -1])
 
+    def _graphs_apply(self, cache: KVCache) -> bool:
+        return self.cuda_graph_decoding and cache.keys.is_cuda and not self.training
+
     def _image_stepper(self, text: torch.Tensor, use_cache: bool) -> Callable[[torch.Tensor], torch.Tensor]:
         """For prepared ``text`` rows: a function from the image ids so far (``[B, k]``, one more per call, the first
         call with any ``k``) to the next image token's logits ``[B, num_image_tokens]``; with ``use_cache`` it feeds
         the model only the tokens not yet in its KV cache."""
         text_part = self._embed_prefix(text)
         cache = self.new_cache(text.shape[0]) if use_cache else None
+        graphed = GraphedDecoder(self, cache) if cache is not None and self._graphs_apply(cache) else None
 
         def step(image_ids: torch.Tensor) -> torch.Tensor:
             if cache is None or cache.length == 0:
                 x = torch.cat([text_part, self._embed_image(image_ids)], dim=1)
             else:
                 done = cache.length - (self.config.text_seq_len + 1)  # image tokens already in the cache
+                if graphed is not None and image_ids.shape[1] == done + 1:
+                    return graphed(image_ids[:, done], done)
                 x = self._embed_image(image_ids[:, done:], start=done)
             return self._image_logits(self._transform(x, cache)[:, -1])
 

@@ -12,13 +12,12 @@ device, and checked on construction: a plan that gathered fewer keys than the ma
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from dalle_transformer.masks import AttentionPattern
+from dalle_transformer.masks import AttentionPattern, cached_table
 
 
 @dataclass(frozen=True)
@@ -99,7 +98,7 @@ def _bucket(cell_mask: torch.Tensor, queries: torch.Tensor, wanted: torch.Tensor
     return GroupBucket(queries, keys, mask)
 
 
-@functools.lru_cache(maxsize=64)
+@cached_table
 def grouped_plan(pattern: AttentionPattern, device: torch.device) -> GroupedPlan:
     n = pattern.fmap_size**2
     text = torch.arange(pattern.text_len)
@@ -122,7 +121,7 @@ def grouped_plan(pattern: AttentionPattern, device: torch.device) -> GroupedPlan
     return GroupedPlan(moved, order.to(device))
 
 
-@functools.lru_cache(maxsize=64)
+@cached_table
 def _decode_table(pattern: AttentionPattern, device: torch.device) -> tuple[torch.Tensor | None, ...]:
     rows = pattern.square_mask(pattern.max_len)
     table: list[torch.Tensor | None] = []

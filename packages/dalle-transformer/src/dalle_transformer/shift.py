@@ -58,10 +58,18 @@ class TokenShift:
             parts.append(history[:, index[start : start + n], first:end])
         return torch.cat([*parts, x[..., self.width :]], dim=-1)
 
+    def shift_at(self, history: torch.Tensor, x: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        """:meth:`shift` for one position (``x``: ``[B, 1, dim]``) given as ``int64[1]``, over a whole history."""
+        parts = []
+        for (first, end, _), index in zip(self.segments, self._indices(history.device), strict=True):
+            parts.append(history[..., first:end].index_select(1, index.index_select(0, position)))
+        return torch.cat([*parts, x[..., self.width :]], dim=-1)
+
     def _indices(self, device: torch.device) -> list[torch.Tensor]:
         """The sources as row indices into a history (``+ 1``: its zero row), kept on each device used."""
         if device not in self._on_device:
-            self._on_device[device] = [(source + 1).to(device) for _, _, source in self.segments]
+            with torch.inference_mode(False):  # also used by training after a first use while generating
+                self._on_device[device] = [(source + 1).to(device) for _, _, source in self.segments]
         return self._on_device[device]
 
     def shift_sequence(self, x: torch.Tensor) -> torch.Tensor:
