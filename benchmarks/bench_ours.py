@@ -57,7 +57,8 @@ def train(name: str, attention: str, repeats: int) -> dict:
     }
 
 
-def generate(name: str, attention: str, repeats: int, cond_scale: float) -> dict:
+def generate(name: str, attention: str, repeats: int, cond_scale: float, compiled: bool = False) -> dict:
+    """Seconds per batch; ``compiled``: with ``compile_decoding`` (the first batch, which compiles, timed apart)."""
     config = CONFIGS[name]
     model = build(name, attention).eval()
     text, _ = random_batch(config, GENERATE_BATCH)
@@ -70,10 +71,15 @@ def generate(name: str, attention: str, repeats: int, cond_scale: float) -> dict
     def run() -> None:
         model.generate_image_ids(text, generator=torch.Generator().manual_seed(0), **options)
 
-    seconds = median_seconds(run, repeats, warmup=1)
+    first = None
+    if compiled:
+        model.compile_decoding = True
+        first = median_seconds(run, repeats=1, warmup=0)
+    seconds = median_seconds(run, repeats, warmup=0 if compiled else 1)
     tokens = GENERATE_BATCH * config["image_fmap_size"] ** 2
     work = decode_attention_work(model.config)
     return {
+        "first_batch_seconds": first,
         "seconds_per_batch": seconds,
         "image_tokens_per_s": tokens / seconds,
         "decode_attention_pairs": {"all_cached": work.full_rows, "executed": work.gathered},
@@ -111,6 +117,8 @@ def main(argv: list[str]) -> None:
         result = generate(name, attention, repeats=3, cond_scale=1.0)
     elif what == "generate_guided":
         result = generate(name, attention, repeats=3, cond_scale=3.0)
+    elif what == "generate_compiled":
+        result = generate(name, attention, repeats=3, cond_scale=1.0, compiled=True)
     elif what == "vae":
         result = vae(name, repeats=5)
     else:

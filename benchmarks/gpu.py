@@ -247,16 +247,16 @@ def decode(name: str, dtype: torch.dtype, cond_scale: float, repeats: int, bandw
             model.decode_step(ids, cache)
 
         result["eager_step_ms"] = cuda_seconds(eager_step, repeats * 5, warmup=3) * 1e3
-        from dalle_transformer.decode_graph import GraphedDecoder
+        from dalle_transformer.static_decode import StaticDecoder
 
-        graphed = GraphedDecoder(model, cache)
+        graphed = StaticDecoder(model, cache, cuda_graph=True)
 
         def graph_step() -> None:
             cache.length = length
             graphed(ids, half)
 
         result["graph_step_ms"] = cuda_seconds(graph_step, repeats * 5, warmup=3) * 1e3
-        compiled = GraphedDecoder(model, cache, compile_step=True)
+        compiled = StaticDecoder(model, cache, compile_step=True, cuda_graph=True)
 
         def compiled_step() -> None:
             cache.length = length

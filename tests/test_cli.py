@@ -100,6 +100,14 @@ def test_tiny_demo_end_to_end_then_generate(tmp_path, capsys):
     sidecar = json.loads((generated / "generations.json").read_text())
     assert [r["prompt"] for r in sidecar["images"]] == ["a small red circle at the top left"] * 2
 
+    # A compiled decoding step draws the same images (float rounding could flip a draw, about once in 10^4 runs).
+    compiled = tmp_path / "gen-compiled"
+    arguments = ["generate", "--checkpoint", str(out / "model"), "--prompt", "a small red circle at the top left"]
+    arguments += ["--num-images", "2", "--seed", "5", "--compile-decoding", "--output", str(compiled)]
+    assert main(arguments) == 0
+    for record in sidecar["images"]:
+        assert (compiled / record["file"]).read_bytes() == (generated / record["file"]).read_bytes()
+
 
 def test_console_script_is_installed():
     script = os.path.join(os.path.dirname(sys.executable), "dalle")

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import pytest
 import torch
 
 from dalle_core.errors import ShapeError
 from dalle_transformer import DALLE, DALLEConfig
-from dalle_transformer.decode_graph import GraphedDecoder
 from dalle_transformer.generation import Sampler, sample_image_ids
 from dalle_transformer.sampling import (
     filter_top_k,
@@ -18,6 +18,7 @@ from dalle_transformer.sampling import (
     sample_logits,
     top_k_from_filter_thres,
 )
+from dalle_transformer.static_decode import StaticDecoder
 
 CONFIG = DALLEConfig(
     num_text_tokens=11,
@@ -99,8 +100,8 @@ ATTENTION_OPTIONS = {kind: {"attn_types": (kind,)} for kind in ("axial_row", "ax
     ids=[*LAYER_OPTIONS.keys(), *ATTENTION_OPTIONS.keys()],
 )
 def test_decode_step_at_device_positions_matches_decode_step(options: dict) -> None:
-    """The CUDA-graph form of a decoding step (every index a device tensor, attention over the whole cache under a
-    mask row) gives the eager step's logits and leaves the same cache, from a primed prefix on."""
+    """The static form of a decoding step (every index a device tensor, every buffer the whole cache) gives the eager
+    step's logits and leaves the same cache, from a primed prefix on."""
     torch.manual_seed(0)
     model = DALLE(dataclasses.replace(CONFIG, **options)).eval()
     with torch.no_grad():
@@ -111,28 +112,61 @@ def test_decode_step_at_device_positions_matches_decode_step(options: dict) -> N
     with torch.no_grad():
         eager, tensor_positions = model.new_cache(3), model.new_cache(3)
         # Stale values where later positions go: the mask, not zeros, must keep them out.
-        tensor_positions.keys.normal_()
-        tensor_positions.values.normal_()
+        for buffer in [*tensor_positions.keys, *tensor_positions.values]:
+            buffer.normal_()
         model.prefill(TEXT, eager, image[:, :primed])
         model.prefill(TEXT, tensor_positions, image[:, :primed])
+        static = StaticDecoder(model, tensor_positions)
         for k in range(primed, CONFIG.image_seq_len - 1):
             expected = model.decode_step(image[:, k], eager)
-            got = model._decode_step_at(image[:, k], torch.tensor([k]), tensor_positions)
-            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(static(image[:, k], k), expected, rtol=1e-5, atol=1e-5)
     assert tensor_positions.length == eager.length == CONFIG.total_seq_len
     written = CONFIG.total_seq_len - 1  # the last image token is never fed
-    torch.testing.assert_close(tensor_positions.keys[..., :written, :], eager.keys[..., :written, :])
+    for name in ("keys", "values"):
+        got, expected = (torch.stack(getattr(cache, name))[..., :written, :] for cache in (tensor_positions, eager))
+        torch.testing.assert_close(got, expected, msg=name)
     if eager.shift_inputs is not None:
         assert tensor_positions.shift_inputs is not None
-        torch.testing.assert_close(
-            tensor_positions.shift_inputs[..., :written, :], eager.shift_inputs[..., :written, :]
+        for got_layer, expected_layer in zip(tensor_positions.shift_inputs, eager.shift_inputs, strict=True):
+            for got, expected in zip(got_layer, expected_layer, strict=True):
+                torch.testing.assert_close(got[:, :written], expected[:, :written])
+
+
+def test_static_steps_need_the_positions_before_them() -> None:
+    model = random_model()
+    with torch.no_grad():
+        cache = model.new_cache(3)
+        static = StaticDecoder(model, cache)
+        with pytest.raises(ShapeError, match="needs a KV cache holding 6 positions"):
+            static(TEXT[:, 0], 0)  # nothing prefilled
+        model.prefill(TEXT, cache)
+        with pytest.raises(ShapeError, match="image position 2 needs a KV cache holding 8 positions"):
+            static(TEXT[:, 0], 2)
+        static(TEXT[:, 0], 0)
+        assert cache.length == CONFIG.text_seq_len + 2
+
+
+def test_compiled_decoding_gives_the_eager_ids() -> None:
+    """``compile_decoding``: torch.compile's build of the step (one build for every position) samples what the
+    eager steps sample, with guidance, priming and every layer option (float64: no rounding ties)."""
+    torch.manual_seed(0)
+    model = DALLE(dataclasses.replace(CONFIG, **LAYER_OPTIONS["every_option"])).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.normal_(0.0, 0.3)
+    model = model.double()
+    prime = torch.randint(0, CONFIG.num_image_tokens, (3, 4), generator=torch.Generator())
+
+    def sample() -> torch.Tensor:
+        return model.generate_image_ids(
+            TEXT, cond_scale=2.5, top_k=9, init_image_ids=prime, generator=torch.Generator().manual_seed(5)
         )
 
-
-def test_device_positions_only_for_decoding_steps() -> None:
-    model = random_model()
-    with torch.no_grad(), pytest.raises(ShapeError, match="one-position decoding steps"):
-        model._decode_step_at(TEXT[:, 0], torch.tensor([0]), model.new_cache(3))
+    eager = sample()
+    model.compile_decoding = True
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a failed compile falls back to eager steps with a warning: not here
+        assert torch.equal(sample(), eager)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -256,7 +290,7 @@ def check_graphed_logits(model: DALLE, compile_step: bool) -> None:
         expected = model(TEXT.cuda(), image).image_logits
         cache = model.new_cache(3)
         logits = [model.prefill(TEXT.cuda(), cache)]
-        graphed = GraphedDecoder(model, cache, compile_step=compile_step)
+        graphed = StaticDecoder(model, cache, compile_step=compile_step, cuda_graph=True)
         logits += [graphed(image[:, k], k) for k in range(CONFIG.image_seq_len - 1)]
     torch.testing.assert_close(torch.stack(logits, dim=1), expected, rtol=1e-9, atol=1e-9)
 

@@ -14,13 +14,17 @@ from dalle_core.errors import ShapeError
 
 
 class KVCache:
-    """Keys and values of every layer, preallocated as ``[layers, batch, heads, max_len, dim_head]``.
+    """Keys and values of every layer, preallocated: ``keys[layer]`` and ``values[layer]`` are
+    ``[batch, heads, max_len, dim_head]``.
 
     ``length`` counts the positions already written. During one forward pass each attention layer calls
     :meth:`write` (which stores at ``length`` and returns the keys/values up to the new end), and the model calls
     :meth:`advance` once after the last layer, so every layer of that pass sees the same start. With
-    ``shift_width > 0`` it also keeps ``[layers, 2 branches, batch, max_len + 1, shift_width]`` shift inputs (row 0
-    stays zero: what a token past the sequence's start reads).
+    ``shift_width > 0`` it also keeps shift inputs, ``shift_inputs[layer][branch]``: ``[batch, max_len + 1,
+    shift_width]`` (row 0 stays zero: what a token past the sequence's start reads).
+
+    Each layer's buffers are separate tensors, not slices of one: ``torch.compile`` writes into a whole input tensor
+    in place, where a write into a slice of one makes it copy the tensor on every step.
     """
 
     def __init__(
@@ -35,23 +39,18 @@ class KVCache:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
     ) -> None:
-        shape = (num_layers, batch_size, heads, max_len, dim_head)
-        self.keys = torch.zeros(shape, dtype=dtype, device=device)
-        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        def zeros(*shape: int) -> torch.Tensor:
+            return torch.zeros(shape, dtype=dtype, device=device)
+
+        self.keys = [zeros(batch_size, heads, max_len, dim_head) for _ in range(num_layers)]
+        self.values = [zeros(batch_size, heads, max_len, dim_head) for _ in range(num_layers)]
         self.shift_inputs = (
-            torch.zeros(num_layers, 2, batch_size, max_len + 1, shift_width, dtype=dtype, device=device)
+            [[zeros(batch_size, max_len + 1, shift_width) for _branch in range(2)] for _layer in range(num_layers)]
             if shift_width > 0
             else None
         )
+        self.batch_size, self.max_len, self.device = batch_size, max_len, self.keys[0].device
         self.length = 0
-
-    @property
-    def max_len(self) -> int:
-        return self.keys.shape[3]
-
-    @property
-    def batch_size(self) -> int:
-        return self.keys.shape[1]
 
     def _end(self, n: int) -> int:
         end = self.length + n
@@ -65,9 +64,9 @@ class KVCache:
         Returns views of that layer's keys and values over positions ``0..length+n``.
         """
         end = self._end(keys.shape[-2])
-        self.keys[layer, :, :, self.length : end] = keys
-        self.values[layer, :, :, self.length : end] = values
-        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+        self.keys[layer][:, :, self.length : end] = keys
+        self.values[layer][:, :, self.length : end] = values
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
     def write_shift_input(self, layer: int, branch: int, x: torch.Tensor) -> torch.Tensor:
         """Store the shifted channels of ``x`` (``[batch, n, >= shift_width]``) for ``layer``'s ``branch`` (0:
@@ -75,7 +74,7 @@ class KVCache:
         if self.shift_inputs is None:
             raise ShapeError("this KV cache was made without room for token shifting (shift_width=0)")
         end = self._end(x.shape[1])
-        history = self.shift_inputs[layer, branch]
+        history = self.shift_inputs[layer][branch]
         history[:, self.length + 1 : end + 1] = x[..., : history.shape[-1]]
         return history[:, : end + 1]
 
@@ -85,20 +84,20 @@ class KVCache:
         """Store one position's ``keys``/``values`` (``[batch, heads, 1, dim_head]``) of ``layer`` at ``position``
         (``int64[1]`` on the cache's device); return that layer's whole buffers, ``[batch, heads, max_len, dim_head]``.
 
-        No host-side index or check: a decode step made of these calls can be captured in a CUDA graph. Positions
-        not yet written hold zeros or stale values; the caller's mask must exclude them.
+        No host-side index or check: a decode step made of these calls can be compiled once for every position and
+        captured in a CUDA graph. Positions not yet written hold zeros or stale values; the caller's mask must
+        exclude them.
         """
-        layer_keys, layer_values = self.keys[layer], self.values[layer]
-        layer_keys.index_copy_(2, position, keys)
-        layer_values.index_copy_(2, position, values)
-        return layer_keys, layer_values
+        self.keys[layer].index_copy_(2, position, keys)
+        self.values[layer].index_copy_(2, position, values)
+        return self.keys[layer], self.values[layer]
 
     def write_shift_input_at(self, layer: int, branch: int, position: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """:meth:`write_shift_input` for one position given as ``int64[1]``; returns the whole history,
         ``[batch, max_len + 1, shift_width]``."""
         if self.shift_inputs is None:
             raise ShapeError("this KV cache was made without room for token shifting (shift_width=0)")
-        history = self.shift_inputs[layer, branch]
+        history = self.shift_inputs[layer][branch]
         history.index_copy_(1, position + 1, x[..., : history.shape[-1]])
         return history
 

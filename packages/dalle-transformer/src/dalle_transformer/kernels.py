@@ -8,12 +8,13 @@
   :class:`GroupedPlan` over the image queries (scores only against the text and the gathered keys).
 - :func:`attend_flex`: FlexAttention with a block mask built from the same ``mask_mod`` (fused on CUDA).
 - :func:`attend_decode`: one new query against only the keys its mask row allows, gathered from the KV cache.
-- :func:`attend_decode_at`: the same for a query whose position is a device tensor (CUDA-graph decoding).
+- :func:`attend_decode_at`: the same for a query whose position is a device tensor (compiled and CUDA-graph steps).
 - :func:`attend_rows`: several new queries after a non-empty cache (dense mask rows; not on the hot path).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -158,10 +159,34 @@ def attend_decode_at(
     q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, pattern: AttentionPattern, position: torch.Tensor
 ) -> torch.Tensor:
     """One query (``q``: ``[B, H, 1, D]``) at ``position`` (``int64[1]`` on the device) against a whole cache
-    (``[B, H, max_len, D]``), masked by the pattern's row for that position: no host-side index, so it can be
-    captured in a CUDA graph (and reads every cached key, where :func:`attend_decode` gathers the allowed ones)."""
-    mask = _mask_rows(pattern, q.device).index_select(0, position)  # [1, max_len]
-    return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+    (``[B, H, max_len, D]``).
+
+    On CUDA it reads every cached key under the pattern's mask row for that position: no host-side index, so it can
+    be captured in a CUDA graph. Elsewhere it is one call of the custom op ``dalle_transformer::attend_decode_cached``
+    (:func:`attend_decode` on the allowed keys, the position read on the host), which ``torch.compile`` leaves
+    opaque: a compiled step then reads only the keys the mask allows, at every position, without recompiling.
+    """
+    if q.is_cuda:
+        mask = _mask_rows(pattern, q.device).index_select(0, position)  # [1, max_len]
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+    kind, *sizes = dataclasses.astuple(pattern)
+    return _attend_decode_cached(q, keys, values, position, kind, sizes)
+
+
+@torch.library.custom_op("dalle_transformer::attend_decode_cached", mutates_args=())
+def _attend_decode_cached(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, position: torch.Tensor, kind: str, sizes: list[int]
+) -> torch.Tensor:
+    end = int(position) + 1
+    out = attend_decode(q, keys[:, :, :end], values[:, :, :end], AttentionPattern(kind, *sizes), end - 1)
+    return out.contiguous()  # the layout its fake promises, whatever q's
+
+
+@_attend_decode_cached.register_fake
+def _(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, position: torch.Tensor, kind: str, sizes: list[int]
+) -> torch.Tensor:
+    return q.new_empty(q.shape)
 
 
 @cached_table

@@ -29,7 +29,6 @@ from dalle_transformer import generation
 from dalle_transformer.attention import ATTENTION_BACKENDS, PassContext, is_decoding_step
 from dalle_transformer.cache import KVCache
 from dalle_transformer.config import DALLEConfig
-from dalle_transformer.decode_graph import GraphedDecoder
 from dalle_transformer.inputs import check_image_ids, check_image_prefix, check_text_ids
 from dalle_transformer.layers import Block, run_sequential
 from dalle_transformer.linear import linear
@@ -37,6 +36,7 @@ from dalle_transformer.masks import layer_patterns
 from dalle_transformer.reversible import run_reversible
 from dalle_transformer.rotary import rotary_angles
 from dalle_transformer.shift import TokenShift
+from dalle_transformer.static_decode import StaticDecoder
 
 CHECKPOINT_FORMAT = "dalle-transformer/1"
 
@@ -64,9 +64,12 @@ def _owners(ids: tuple[int, ...]) -> tuple[int, ...]:
 class DALLE(nn.Module):
     """Autoregressive transformer over text and image token ids (never over text or images themselves)."""
 
-    # KV-cached image decoding on CUDA replays each step from one captured CUDA graph (see
-    # dalle_transformer.decode_graph); False runs the steps eagerly. The encoder-decoder architecture always does.
+    # How KV-cached image decoding runs its steps (dalle_transformer.static_decode; the encoder-decoder architecture
+    # always runs them eagerly). On CUDA each step is replayed from one captured CUDA graph unless this is False.
     cuda_graph_decoding: bool = True
+    # torch.compile the decoding step (once per batch size and process: tens of seconds on a CPU, cached on disk by
+    # inductor); on a 2-core CPU a medium model then generates 1.1-1.2x faster (docs/benchmarks.md).
+    compile_decoding: bool = False
 
     # Buffers (registered in __init__), declared for type checkers.
     text_pad_ids: torch.Tensor
@@ -243,15 +246,21 @@ class DALLE(nn.Module):
         (applied by the heads to the positions they need).
 
         ``position`` (``int64[1]`` on the device, for a decoding step only) makes the layers take every index from it
-        instead of from ``start``, so the step can be captured in a CUDA graph and replayed at other positions.
+        instead of from ``start`` (which it neither checks nor advances), so one compiled step or captured CUDA graph
+        serves every position.
         """
         config = self.config
-        start, n = (cache.length if cache is not None else 0), x.shape[1]
-        if start + n > config.total_seq_len:
-            raise ShapeError(f"the transformer reads at most {config.total_seq_len} positions, got up to {start + n}")
-        single = is_decoding_step(cache, n, self.training)
-        if position is not None and not single:
-            raise ShapeError("a device-tensor position is only for one-position decoding steps after a prefill")
+        if position is None:
+            start, n = (cache.length if cache is not None else 0), x.shape[1]
+            if start + n > config.total_seq_len:
+                raise ShapeError(
+                    f"the transformer reads at most {config.total_seq_len} positions, got up to {start + n}"
+                )
+            single = is_decoding_step(cache, n, self.training)
+        else:
+            # A decoding step checked by its caller: reading cache.length here would make torch.compile specialise
+            # the step on it (one compile per position).
+            start, single = 0, True
         if config.stable:
             # DALLE-pytorch's stable: the embeddings' gradient is scaled by 0.1, their value kept.
             x = x * 0.1 + x.detach() * 0.9
@@ -270,7 +279,7 @@ class DALLE(nn.Module):
         else:
             recompute = config.gradient_checkpointing and self.training and torch.is_grad_enabled() and cache is None
             x = run_sequential(branches, x, recompute)
-        if cache is not None:
+        if cache is not None and position is None:
             cache.advance(n)
         return x
 
@@ -380,9 +389,13 @@ class DALLE(nn.Module):
         return self._image_logits(hidden[:, -1])
 
     def _decode_step_at(self, image_ids: torch.Tensor, image_position: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """:meth:`decode_step` with the image position as an ``int64[1]`` device tensor: the same logits, computed
-        without host-side indexing (capturable in a CUDA graph; :class:`dalle_transformer.decode_graph.GraphedDecoder`).
-        ``cache.length`` must still count the positions written, as for :meth:`decode_step`."""
+        """:meth:`decode_step` with the image position as an ``int64[1]`` device tensor: the same logits, from
+        buffers of the same shapes at every position (one ``torch.compile`` build or CUDA graph serves a whole
+        generation: :class:`dalle_transformer.static_decode.StaticDecoder`).
+
+        It neither reads nor advances ``cache.length``: the caller checks that the cache holds every position before
+        ``image_position`` and counts the new one.
+        """
         sequence_position = image_position + (self.config.text_seq_len + 1)
         hidden = self._transform(self._embed_image_at(image_ids, image_position), cache, sequence_position)
         return self._image_logits(hidden[:, -1])
@@ -394,8 +407,14 @@ class DALLE(nn.Module):
         hidden = self._transform(torch.cat([prefix, self._embed_image(image_prefix)], dim=1))
         return self._image_logits(hidden[:, -1])
 
-    def _graphs_apply(self, cache: KVCache) -> bool:
-        return self.cuda_graph_decoding and cache.keys.is_cuda and not self.training
+    def _static_decoder(self, cache: KVCache | None) -> StaticDecoder | None:
+        """How this model's KV-cached steps run now: None for eagerly."""
+        if cache is None or self.training:
+            return None
+        cuda_graph = self.cuda_graph_decoding and cache.device.type == "cuda"
+        if not (cuda_graph or self.compile_decoding):
+            return None
+        return StaticDecoder(self, cache, compile_step=self.compile_decoding, cuda_graph=cuda_graph)
 
     def _image_stepper(self, text: torch.Tensor, use_cache: bool) -> Callable[[torch.Tensor], torch.Tensor]:
         """For prepared ``text`` rows: a function from the image ids so far (``[B, k]``, one more per call, the first
@@ -403,15 +422,15 @@ class DALLE(nn.Module):
         the model only the tokens not yet in its KV cache."""
         text_part = self._embed_prefix(text)
         cache = self.new_cache(text.shape[0]) if use_cache else None
-        graphed = GraphedDecoder(self, cache) if cache is not None and self._graphs_apply(cache) else None
+        static = self._static_decoder(cache)
 
         def step(image_ids: torch.Tensor) -> torch.Tensor:
             if cache is None or cache.length == 0:
                 x = torch.cat([text_part, self._embed_image(image_ids)], dim=1)
             else:
                 done = cache.length - (self.config.text_seq_len + 1)  # image tokens already in the cache
-                if graphed is not None and image_ids.shape[1] == done + 1:
-                    return graphed(image_ids[:, done], done)
+                if static is not None and image_ids.shape[1] == done + 1:
+                    return static(image_ids[:, done], done)
                 x = self._embed_image(image_ids[:, done:], start=done)
             return self._image_logits(self._transform(x, cache)[:, -1])
 
