@@ -168,6 +168,7 @@ def generate(
         if architecture != "decoder_only":
             raise ConfigError(f"--compile-decoding is for decoder-only models; this checkpoint's is {architecture}")
         bundle.model.compile_decoding = True
+        typer.echo("compiling the decoding step at the first batch (tens of seconds, once per batch size)", err=True)
     if hasattr(bundle.image_tokenizer, "to"):
         bundle.image_tokenizer.to(device)
     scorer = None

@@ -164,11 +164,17 @@ class DeepSpeedBackend(DDPBackend):
         if self._zero_stage < 3:
             return super().full_state_dict(model)  # stages 0-2 keep whole parameters on every process
         deepspeed = import_deepspeed()
-        module = self.unwrap(model)
-        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-            if not self.is_main:
-                return {}
-            return {name: tensor.detach().cpu().clone() for name, tensor in module.state_dict().items()}
+        state: dict[str, torch.Tensor] = {}
+        for name, value in self.unwrap(model).state_dict(keep_vars=True).items():
+            if hasattr(value, "ds_id"):
+                # A partitioned parameter, gathered alone (every process, same order): gathering all of them at once
+                # would hold the whole model on every device, which is what ZeRO-3 is chosen to avoid.
+                with deepspeed.zero.GatheredParameters([value], modifier_rank=None):
+                    if self.is_main:
+                        state[name] = value.detach().cpu().clone()
+            elif self.is_main:
+                state[name] = value.detach().cpu().clone()
+        return state
 
     def _optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         if self._zero_stage == 0:
