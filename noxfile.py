@@ -174,6 +174,13 @@ def bench_gpu(session: nox.Session) -> None:
 
 
 @nox.session(default=False)
+def bench_few_rows(session: nox.Session) -> None:
+    """CPU few-row products (decoding's projections), as stored and in column blocks (benchmarks/few_rows.py)."""
+    sync(session, "--package", "dalle-transformer")
+    session.run("python", "benchmarks/few_rows.py", *session.posargs)
+
+
+@nox.session(default=False)
 def bench_peer(session: nox.Session) -> None:
     """Ours beside DALLE-pytorch 1.6.6 in the same run (its own virtualenv); ratios in docs/benchmarks.md."""
     session.install(f"torch=={locked_version('torch')}", *PEER_DEPENDENCIES)

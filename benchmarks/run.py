@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -46,6 +47,23 @@ def measure(python: str, script: str, *args: str, time_limit: float | None = Non
     if result.returncode != 0 and not lines:
         return {"error": (result.stderr.strip().splitlines() or ["failed"])[-1]}
     return json.loads(lines[-1]) if lines else {"error": "no result"}
+
+
+OUR_MEASUREMENTS = ("train", "generate", "generate_guided", "generate_compiled")
+
+
+def combine(rounds: list[dict]) -> dict:
+    """One measurement from its rounds: the median of each number over the rounds that gave one (the fields of the
+    first such round otherwise); a measurement that failed or hit its time limit in every round stays as it was."""
+    good = [result for result in rounds if "error" not in result and "over_s" not in result]
+    if not good:
+        return rounds[0]
+    combined = dict(good[0])
+    for key, value in good[0].items():
+        values = [result.get(key) for result in good]
+        if isinstance(value, (int, float)) and all(isinstance(v, (int, float)) for v in values):
+            combined[key] = statistics.median(values)
+    return combined
 
 
 def sgemm(python: str) -> float:
@@ -95,6 +113,26 @@ def ratio(ours: dict, theirs: dict | None, key: str, invert: bool = False) -> st
     return f"{value:.2f}x"
 
 
+def measure_config(args: argparse.Namespace, name: str, attention: str) -> dict:
+    """Every measurement of one config and attention type, ``args.rounds`` times, combined by :func:`combine`."""
+    rounds: dict = {"ours": {}, "peer": {}}
+    plan = [("ours", args.ours, "bench_ours.py", what, None) for what in OUR_MEASUREMENTS]
+    if args.peer:
+        plan += [("peer", args.peer, "bench_peer.py", "train", None)]
+        plan += [("peer", args.peer, "bench_peer.py", "cached_loop", args.peer_time_limit)]
+    # Rounds interleave the two systems, so a slow moment of this machine falls on both sides.
+    for round_index in range(args.rounds):
+        for side, python, script, what, time_limit in plan:
+            result = measure(python, script, what, name, attention, time_limit=time_limit)
+            rounds[side].setdefault(what, []).append(result)
+        if args.peer and round_index == 0:  # minutes per batch: once
+            result = measure(
+                args.peer, "bench_peer.py", "generate_images", name, attention, time_limit=args.peer_time_limit
+            )
+            rounds["peer"]["generate_images"] = [result]
+    return {side: {what: combine(results) for what, results in by_what.items()} for side, by_what in rounds.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--ours", required=True)
@@ -109,28 +147,25 @@ def main() -> None:
         help="seconds after which a peer generation measurement is stopped and reported as a bound "
         "(DALLE-pytorch's generate_images re-runs the whole sequence per token: over 14 min per batch on M conv_like)",
     )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="measure each config this many times, the two systems interleaved, and report medians over the rounds "
+        "(DALLE-pytorch's generate_images once)",
+    )
     args = parser.parse_args()
     # abspath, not resolve: a virtualenv's python is a symlink whose target is outside the virtualenv.
     args.ours = os.path.abspath(args.ours)
     args.peer = os.path.abspath(args.peer) if args.peer else None
 
-    results: dict = {"machine": machine(args.ours), "sgemm_flops": sgemm(args.ours), "runs": {}}
+    if args.rounds < 1:
+        parser.error(f"--rounds: expected at least 1, got {args.rounds}")
+    results: dict = {"machine": machine(args.ours), "sgemm_flops": sgemm(args.ours), "rounds": args.rounds, "runs": {}}
     for name in args.configs:
         for attention in args.attention:
             key = f"{name}/{attention}"
-            entry: dict = {"ours": {}, "peer": {}}
-            entry["ours"]["train"] = measure(args.ours, "bench_ours.py", "train", name, attention)
-            entry["ours"]["generate"] = measure(args.ours, "bench_ours.py", "generate", name, attention)
-            entry["ours"]["generate_guided"] = measure(args.ours, "bench_ours.py", "generate_guided", name, attention)
-            entry["ours"]["generate_compiled"] = measure(
-                args.ours, "bench_ours.py", "generate_compiled", name, attention
-            )
-            if args.peer:
-                entry["peer"]["train"] = measure(args.peer, "bench_peer.py", "train", name, attention)
-                for mode in ("cached_loop", "generate_images"):
-                    entry["peer"][mode] = measure(
-                        args.peer, "bench_peer.py", mode, name, attention, time_limit=args.peer_time_limit
-                    )
+            entry = measure_config(args, name, attention)
             results["runs"][key] = entry
             print(key, json.dumps(entry), flush=True)
         results["runs"][f"{name}/vae"] = {
@@ -147,7 +182,9 @@ def append_markdown(results: dict, path: Path) -> None:
     lines = [
         f"\n## {info['date']}: {info['processor']}, {info['threads']} threads, torch {info['torch']}\n",
         f"Machine: `{info['platform']}`; measured fp32 sgemm: {sgemm_flops / 1e9:.1f} GFLOP/s. Medians of repeated "
-        "runs, each measurement in a fresh process; ratios are ours / DALLE-pytorch 1.6.6 measured in the same run.\n",
+        "runs, each measurement in a fresh process"
+        + (f", medians over {results['rounds']} interleaved rounds" if results.get("rounds", 1) > 1 else "")
+        + "; ratios are ours / DALLE-pytorch 1.6.6 measured in the same run.\n",
         "| config | attention | train tok/s (ours) | train tok/s (peer) | ratio | sgemm fraction | peak MiB ours/peer "
         "| gen img-tok/s | guided | compiled (first batch s) | peer cached loop | peer generate_images | vs loop "
         "| compiled vs loop | vs generate_images |",

@@ -184,13 +184,15 @@ def test_cached_generation_equals_uncached(attn_types: tuple[str, ...], cond_sca
     assert torch.equal(greedy, expected)
 
 
-def test_prefill_and_decode_steps_match_full_forward() -> None:
-    model = make_model()
+@pytest.mark.parametrize("ff_mult", [4, 64], ids=["narrow", "wide"])  # wide: 2048-column blocks, as decoding copies
+def test_prefill_and_decode_steps_match_full_forward(ff_mult: int) -> None:
+    model = make_model(replace(CONFIG, ff_mult=ff_mult))
     image = random_image(3)
     with torch.no_grad():
         full = model(TEXT, image).image_logits
         cache = model.new_cache(3)
         steps = [model.prefill(TEXT, cache, image_prefix=image[:, :2])]
+        assert all(("ff.out" in layout) == (ff_mult == 64) for layout in cache.projections)
         for k in range(2, CONFIG.image_seq_len - 1):
             steps.append(model.decode_step(image[:, k], cache))
     torch.testing.assert_close(torch.stack(steps, dim=1), full[:, 2:], atol=1e-5, rtol=1e-5)

@@ -34,12 +34,13 @@ CONFIG = DALLEConfig(
 TEXT = torch.tensor([[3, 4, 5, 0, 0], [9, 0, 0, 0, 0], [1, 2, 3, 4, 5]])
 
 
-def random_model(dtype: torch.dtype = torch.float32, seed: int = 0) -> DALLE:
+def random_model(dtype: torch.dtype = torch.float32, seed: int = 0, std: float = 0.3, **options) -> DALLE:
+    """A model of ``CONFIG`` with ``options`` replaced, every parameter drawn from N(0, std)."""
     torch.manual_seed(seed)
-    model = DALLE(CONFIG).eval()
+    model = DALLE(dataclasses.replace(CONFIG, **options)).eval()
     with torch.no_grad():
         for parameter in model.parameters():
-            parameter.normal_(0.0, 0.3)
+            parameter.normal_(0.0, std)
     return model.to(dtype)
 
 
@@ -56,6 +57,8 @@ LAYER_OPTIONS = {
     "reversible": {"reversible": True},
     "stable": {"stable": True},
     "shared": {"depth": 3, "shared_attn_ids": (0, 1, 0), "shared_ff_ids": (0, 0, 1)},
+    # A 2048-wide feed-forward: its output projection is decoded through column blocks (dalle_transformer.linear).
+    "wide_feed_forward": {"ff_mult": 64, "depth": 3, "shared_ff_ids": (0, 0, 1)},
     "every_option": {
         "rotary_emb": True,
         "shift_tokens": True,
@@ -71,11 +74,7 @@ LAYER_OPTIONS = {
 @pytest.mark.parametrize("options", LAYER_OPTIONS.values(), ids=LAYER_OPTIONS.keys())
 def test_cache_logits_match_teacher_forced_forward(options: dict) -> None:
     """Decoding steps (one position each: the layers' single-position path) give the teacher-forced logits."""
-    torch.manual_seed(0)
-    model = DALLE(dataclasses.replace(CONFIG, **options)).eval()
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.normal_(0.0, 0.3)
+    model = random_model(**options)
     image = torch.randint(
         0, CONFIG.num_image_tokens, (3, CONFIG.image_seq_len), generator=torch.Generator().manual_seed(0)
     )
@@ -102,11 +101,7 @@ ATTENTION_OPTIONS = {kind: {"attn_types": (kind,)} for kind in ("axial_row", "ax
 def test_decode_step_at_device_positions_matches_decode_step(options: dict) -> None:
     """The static form of a decoding step (every index a device tensor, every buffer the whole cache) gives the eager
     step's logits and leaves the same cache, from a primed prefix on."""
-    torch.manual_seed(0)
-    model = DALLE(dataclasses.replace(CONFIG, **options)).eval()
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.normal_(0.0, 0.3)
+    model = random_model(**options)
     image = torch.randint(0, CONFIG.num_image_tokens, (3, CONFIG.image_seq_len), generator=torch.Generator())
     primed = 3
     with torch.no_grad():
@@ -132,6 +127,36 @@ def test_decode_step_at_device_positions_matches_decode_step(options: dict) -> N
                 torch.testing.assert_close(got[:, :written], expected[:, :written])
 
 
+def test_wide_projections_decode_through_copies_made_for_each_sequence() -> None:
+    """Decoding copies the wide weights into column blocks when a sequence starts (once per shared weight), so a
+    sequence started after the weights change decodes with the new weights."""
+    model = random_model(std=0.05, **LAYER_OPTIONS["wide_feed_forward"])
+    image = torch.randint(
+        0, CONFIG.num_image_tokens, (3, CONFIG.image_seq_len), generator=torch.Generator().manual_seed(0)
+    )
+    with torch.no_grad():
+        cache = model.new_cache(3)
+        model.prefill(TEXT, cache)
+        layouts = cache.projections
+        assert [set(layout) for layout in layouts] == [{"ff.out"}] * 3  # the 2048-column weights only
+        assert layouts[0]["ff.out"] is layouts[1]["ff.out"] is not layouts[2]["ff.out"]
+        _, ff_out = model.blocks[2].ff.projections
+        torch.testing.assert_close(layouts[2]["ff.out"].transpose(0, 1).flatten(1), ff_out.weight)
+
+        ff_out.weight.mul_(-1.5)  # as an optimizer step would: in place
+        cache.reset()
+        model.prefill(TEXT, cache)
+        step = model.decode_step(image[:, 0], cache)
+        compiled_cache = model.new_cache(3)
+        model.prefill(TEXT, compiled_cache)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a failed compile falls back to eager steps with a warning: not here
+            compiled = StaticDecoder(model, compiled_cache, compile_step=True)(image[:, 0], 0)
+        expected = model(TEXT, image).image_logits[:, 1]
+    torch.testing.assert_close(step, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(compiled, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_static_steps_need_the_positions_before_them() -> None:
     model = random_model()
     with torch.no_grad():
@@ -149,12 +174,7 @@ def test_static_steps_need_the_positions_before_them() -> None:
 def test_compiled_decoding_gives_the_eager_ids() -> None:
     """``compile_decoding``: torch.compile's build of the step (one build for every position) samples what the
     eager steps sample, with guidance, priming and every layer option (float64: no rounding ties)."""
-    torch.manual_seed(0)
-    model = DALLE(dataclasses.replace(CONFIG, **LAYER_OPTIONS["every_option"])).eval()
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.normal_(0.0, 0.3)
-    model = model.double()
+    model = random_model(torch.float64, **LAYER_OPTIONS["every_option"])
     prime = torch.randint(0, CONFIG.num_image_tokens, (3, 4), generator=torch.Generator())
 
     def sample() -> torch.Tensor:
@@ -255,12 +275,7 @@ def test_cuda_with_cpu_generator_matches_cpu() -> None:
 def test_cuda_graph_decoding_matches_eager_steps(options: dict) -> None:
     """Steps replayed from a CUDA graph (plain and torch.compile'd) give the eager steps' ids, with guidance and a
     primed prefix."""
-    torch.manual_seed(0)
-    model = DALLE(dataclasses.replace(CONFIG, **options)).eval()
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.normal_(0.0, 0.3)
-    model = model.double().cuda()
+    model = random_model(torch.float64, **options).cuda()
     prime = torch.randint(0, CONFIG.num_image_tokens, (3, 4), generator=torch.Generator()).cuda()
 
     def sample() -> torch.Tensor:
@@ -277,11 +292,8 @@ def test_cuda_graph_decoding_matches_eager_steps(options: dict) -> None:
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_compiled_cuda_graph_step_gives_the_forward_logits() -> None:
-    model = DALLE(dataclasses.replace(CONFIG, **LAYER_OPTIONS["every_option"])).eval()
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.normal_(0.0, 0.3)
-    check_graphed_logits(model.double().cuda(), compile_step=True)
+    model = random_model(torch.float64, **LAYER_OPTIONS["every_option"])
+    check_graphed_logits(model.cuda(), compile_step=True)
 
 
 def check_graphed_logits(model: DALLE, compile_step: bool) -> None:

@@ -87,20 +87,22 @@ class Attention(nn.Module):
         """``forward`` for one position (``x``: ``[B, 1, dim]``) written after the cache's ``context.start`` ones:
         the same products, with the heads as views of one projection and no per-call checks."""
         batch = x.shape[0]
-        qkv = linear(x.reshape(batch, -1), self.to_qkv.weight)
+        cache, position = context.cache, context.position
+        assert cache is not None  # PassContext.single implies a cache
+        layouts = cache.projections[layer_index]
+        qkv = linear(x.reshape(batch, -1), self.to_qkv.weight, blocks=layouts.get("attn.qkv"))
         qkv = qkv.view(batch, 3, self.heads, 1, self.dim_head).transpose(0, 1)  # [3, B, heads, 1, dim_head]
         if context.rotary is not None:
             qkv = rotate(qkv, *context.rotary)
         q, k, v = qkv.unbind(0)
-        cache, position = context.cache, context.position
-        assert cache is not None  # PassContext.single implies a cache
         if position is None:
             keys, values = cache.write(layer_index, k, v)
             out = attend_decode(q, keys, values, pattern, context.start)
         else:
             keys, values = cache.write_at(layer_index, position, k, v)
             out = attend_decode_at(q, keys, values, pattern, position)
-        return linear(out.reshape(batch, -1), self.to_out.weight, self.to_out.bias).view(batch, 1, -1)
+        out = linear(out.reshape(batch, -1), self.to_out.weight, self.to_out.bias, layouts.get("attn.out"))
+        return out.view(batch, 1, -1)
 
     @staticmethod
     def _whole_sequence(

@@ -25,6 +25,10 @@ class KVCache:
 
     Each layer's buffers are separate tensors, not slices of one: ``torch.compile`` writes into a whole input tensor
     in place, where a write into a slice of one makes it copy the tensor on every step.
+
+    ``projections[layer]`` holds, by name, copies of that layer's weights in the layout few-row products are fastest
+    with (:func:`dalle_transformer.linear.column_blocks`), made by the model when a pass starts on the empty cache:
+    for the sequence being decoded, not beyond it.
     """
 
     def __init__(
@@ -49,6 +53,7 @@ class KVCache:
             if shift_width > 0
             else None
         )
+        self.projections: list[dict[str, torch.Tensor]] = [{} for _ in range(num_layers)]
         self.batch_size, self.max_len, self.device = batch_size, max_len, self.keys[0].device
         self.length = 0
 

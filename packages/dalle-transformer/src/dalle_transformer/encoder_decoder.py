@@ -38,7 +38,7 @@ from dalle_transformer.attention import PassContext, is_decoding_step
 from dalle_transformer.cache import KVCache
 from dalle_transformer.config import DALLEConfig
 from dalle_transformer.cross_attention import MemoryAttention, ResidualBranch
-from dalle_transformer.layers import Block, FeedForward
+from dalle_transformer.layers import Block, FeedForward, few_row_layouts
 from dalle_transformer.linear import linear
 from dalle_transformer.masks import AttentionPattern, layer_patterns
 from dalle_transformer.model import DALLE, DALLEOutput, _upcast
@@ -202,6 +202,9 @@ class EncoderDecoderDALLE(DALLE):
         if config.stable:
             x = x * 0.1 + x.detach() * 0.9
         single = is_decoding_step(cache, n, self.training)
+        if cache is not None and start == 0 and not torch.is_grad_enabled():
+            layers = [(block.attn, block.ff) for block in self.layer_blocks()]
+            cache.projections = few_row_layouts(layers, x.shape[0])
         context = PassContext(start, cache, self.attention_backend, None, None, config.stable, single)
         recompute = config.gradient_checkpointing and self.training and torch.is_grad_enabled() and cache is None
         for i, layer in enumerate(self.decoder_layers()):

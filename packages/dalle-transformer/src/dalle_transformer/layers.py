@@ -18,7 +18,7 @@ from torch.utils.checkpoint import checkpoint
 
 from dalle_transformer.attention import Attention, PassContext
 from dalle_transformer.config import DALLEConfig
-from dalle_transformer.linear import Linear, linear
+from dalle_transformer.linear import Linear, column_blocks, linear
 from dalle_transformer.masks import AttentionPattern
 
 
@@ -44,12 +44,46 @@ class FeedForward(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
-    def one_position(self, x: torch.Tensor) -> torch.Tensor:
+    @property
+    def projections(self) -> tuple[nn.Linear, nn.Linear]:
+        first, _, _, last = tuple(self.net)
+        return cast(nn.Linear, first), cast(nn.Linear, last)
+
+    def one_position(self, x: torch.Tensor, layouts: dict[str, torch.Tensor]) -> torch.Tensor:
         """``forward`` in eval mode for one position per row (``x``: ``[B, 1, dim]``): no Sequential, Linear or Dropout
-        calls, and the few-row projections of :func:`linear`."""
+        calls, and the few-row projections of :func:`linear` (with the weight copies in ``layouts``, a KV cache's
+        ``projections`` of this layer)."""
         first, activation, _, last = cast(tuple[nn.Linear, nn.Module, nn.Module, nn.Linear], tuple(self.net))
-        hidden = activation(linear(x.reshape(x.shape[0], -1), first.weight, first.bias))
-        return linear(hidden, last.weight, last.bias).reshape(x.shape)
+        hidden = activation(linear(x.reshape(x.shape[0], -1), first.weight, first.bias, layouts.get("ff.in")))
+        return linear(hidden, last.weight, last.bias, layouts.get("ff.out")).reshape(x.shape)
+
+
+def few_row_layouts(
+    layers: Sequence[tuple[Attention | None, FeedForward | None]], rows: int
+) -> list[dict[str, torch.Tensor]]:
+    """For each layer's (attention, feed-forward) modules, the :func:`dalle_transformer.linear.column_blocks` of the
+    projections that decoding steps of ``rows`` rows run faster with, by name (a KV cache's ``projections``); none
+    off the CPU or for narrow weights. A weight shared between layers is copied once."""
+    copies: dict[int, torch.Tensor | None] = {}
+    layouts = []
+    for attn, ff in layers:
+        assert attn is not None and ff is not None  # the modules a layer runs, its own or its owner's
+        ff_in, ff_out = ff.projections
+        weights = {
+            "attn.qkv": attn.to_qkv.weight,
+            "attn.out": attn.to_out.weight,
+            "ff.in": ff_in.weight,
+            "ff.out": ff_out.weight,
+        }
+        layout = {}
+        for name, weight in weights.items():
+            if id(weight) not in copies:
+                copies[id(weight)] = column_blocks(weight, rows)
+            copy = copies[id(weight)]
+            if copy is not None:
+                layout[name] = copy
+        layouts.append(layout)
+    return layouts
 
 
 def layer_scale_init(layer_number: int) -> float:
@@ -106,7 +140,11 @@ class Block(nn.Module):
 
     def feed_forward_branch(self, x: torch.Tensor, ff: FeedForward, context: PassContext) -> torch.Tensor:
         h = self._shift(self.ff_norm(x), context, 1)
-        h = ff.one_position(h) if context.single else ff(h)
+        if context.single:
+            assert context.cache is not None  # PassContext.single implies a cache
+            h = ff.one_position(h, context.cache.projections[self.index])
+        else:
+            h = ff(h)
         if self.sandwich_norm:
             h = self.ff_out_norm(h)
         return h * self.ff_scale if self.layer_scale else h

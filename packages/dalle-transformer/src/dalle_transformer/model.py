@@ -30,7 +30,7 @@ from dalle_transformer.attention import ATTENTION_BACKENDS, PassContext, is_deco
 from dalle_transformer.cache import KVCache
 from dalle_transformer.config import DALLEConfig
 from dalle_transformer.inputs import check_image_ids, check_image_prefix, check_text_ids
-from dalle_transformer.layers import Block, run_sequential
+from dalle_transformer.layers import Block, few_row_layouts, run_sequential
 from dalle_transformer.linear import linear
 from dalle_transformer.masks import layer_patterns
 from dalle_transformer.reversible import run_reversible
@@ -257,6 +257,8 @@ class DALLE(nn.Module):
                     f"the transformer reads at most {config.total_seq_len} positions, got up to {start + n}"
                 )
             single = is_decoding_step(cache, n, self.training)
+            if cache is not None and start == 0 and not torch.is_grad_enabled():
+                cache.projections = self._few_row_layouts(x.shape[0])
         else:
             # A decoding step checked by its caller: reading cache.length here would make torch.compile specialise
             # the step on it (one compile per position).
@@ -294,6 +296,11 @@ class DALLE(nn.Module):
             functools.partial(block.attention_branch, attn=attn, pattern=self.patterns[index], context=context),
             functools.partial(block.feed_forward_branch, ff=ff, context=context),
         )
+
+    def _few_row_layouts(self, rows: int) -> list[dict[str, torch.Tensor]]:
+        blocks = cast(list[Block], list(self.blocks))
+        owners = zip(self.attn_owner, self.ff_owner, strict=True)
+        return few_row_layouts([(blocks[attn].attn, blocks[ff].ff) for attn, ff in owners], rows)
 
     def _final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.config.stable:
