@@ -32,9 +32,13 @@ def build(name: str, attention: str) -> DALLE:
     return DALLE(DALLEConfig(num_text_tokens=NUM_TEXT_TOKENS, num_image_tokens=NUM_IMAGE_TOKENS, **options))
 
 
-def train(name: str, attention: str, repeats: int) -> dict:
+def train(name: str, attention: str, repeats: int, compiled: bool = False) -> dict:
+    """Tokens/s of training steps; ``compiled``: with ``loop.compile`` (``nn.Module.compile``; the first step,
+    which compiles, timed apart)."""
     config = CONFIGS[name]
     model = build(name, attention).train()
+    if compiled:
+        model.compile()
     optimizer = build_adamw(model, OptimizerConfig(lr=1e-4))  # what `dalle train` steps with
     text, image = random_batch(config, TRAIN_BATCH)
     before = peak_rss_mib()
@@ -45,11 +49,13 @@ def train(name: str, attention: str, repeats: int) -> dict:
         loss.backward()
         optimizer.step()
 
+    first = median_seconds(step, repeats=1, warmup=0) if compiled else None
     seconds = median_seconds(step, repeats, warmup=2)
     tokens = TRAIN_BATCH * (config["text_seq_len"] + config["image_fmap_size"] ** 2)
     # Attention score pairs of one training forward, all layers, per batch row and head (x 4 * dim_head for FLOPs).
     work = forward_attention_work(model.config)
     return {
+        "first_step_seconds": first,
         "seconds_per_step": seconds,
         "tokens_per_s": tokens / seconds,
         "peak_mib": peak_rss_mib() - before,
@@ -113,6 +119,8 @@ def main(argv: list[str]) -> None:
     torch.manual_seed(0)
     if what == "train":
         result = train(name, attention, repeats=5 if name == "S" else 3)
+    elif what == "train_compiled":
+        result = train(name, attention, repeats=5 if name == "S" else 3, compiled=True)
     elif what == "generate":
         result = generate(name, attention, repeats=3, cond_scale=1.0)
     elif what == "generate_guided":

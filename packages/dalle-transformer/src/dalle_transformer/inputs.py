@@ -21,6 +21,9 @@ def describe(value: object) -> str:
     return type(value).__name__
 
 
+# Run eagerly under torch.compile (`loop.compile`): reading the result on the host would otherwise break the graph
+# with a warning at every compile; skipped, it splits the graph only where the checks are, before the model's work.
+@torch.compiler.disable
 def check_range(ids: torch.Tensor, size: int, kind: str, field: str) -> None:
     bad = (ids < 0) | (ids >= size)
     if bool(bad.any()):

@@ -316,6 +316,17 @@ class DALLE(nn.Module):
         n = self.config.num_text_logits
         return linear(self._final_norm(hidden), self.to_logits.weight[n:], self.to_logits.bias[n:])
 
+    def _sequence_logits(self, hidden: torch.Tensor, text_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Text logits of positions ``:text_len`` and image logits of the rest, from one split of the logits layer:
+        its backward writes the weight's gradient once, where two slices would each zero-fill a whole-size gradient
+        to be added."""
+        sizes = [self.config.num_text_logits, self.config.num_image_tokens]
+        text_weight, image_weight = self.to_logits.weight.split(sizes)
+        text_bias, image_bias = self.to_logits.bias.split(sizes)
+        normed = self._final_norm(hidden)
+        text_logits = linear(normed[:, :text_len], text_weight, text_bias)
+        return text_logits, linear(normed[:, text_len:], image_weight, image_bias)
+
     # ---------------------------------------------------------------- training
 
     def forward(self, text_ids: torch.Tensor, image_ids: torch.Tensor) -> DALLEOutput:
@@ -334,7 +345,7 @@ class DALLE(nn.Module):
         x = torch.cat([self._embed_prefix(text), self._embed_image(image[:, :-1])], dim=1)
         hidden = self._transform(x)
         t = self.config.text_seq_len
-        text_logits, image_logits = self._text_logits(hidden[:, :t]), self._image_logits(hidden[:, t:])
+        text_logits, image_logits = self._sequence_logits(hidden, t)
         text_loss = F.cross_entropy(_upcast(text_logits).flatten(0, 1), text.flatten())
         image_loss = F.cross_entropy(_upcast(image_logits).flatten(0, 1), image.flatten())
         weight = self.config.loss_img_weight
