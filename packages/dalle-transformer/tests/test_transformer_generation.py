@@ -257,6 +257,18 @@ def test_filter_top_k_and_temperature() -> None:
     assert set(hot.flatten().tolist()) == {0, 1, 2, 3, 4}
 
 
+@pytest.mark.parametrize("vocab", [40, 1000])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_filter_top_k_keeps_what_sorting_keeps(vocab: int, dtype: torch.dtype) -> None:
+    """Every count, by selection (most of the vocabulary kept) or by topk (a few ids kept), against a sort; rounded
+    logits, so many values tie with the k-th."""
+    logits = (torch.randn(3, vocab, generator=torch.Generator().manual_seed(vocab), dtype=dtype) * 4).round()
+    for top_k in sorted({1, 2, vocab // 16, vocab // 8, vocab // 8 + 1, vocab // 2, vocab - 1}):
+        kth = logits.sort(dim=-1, descending=True).values[:, top_k - 1 : top_k]
+        expected = torch.where(logits >= kth, logits, float("-inf"))
+        assert torch.equal(filter_top_k(logits, top_k), expected), top_k
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_with_cpu_generator_matches_cpu() -> None:
     cpu = random_model(torch.float64)

