@@ -156,6 +156,13 @@ def test_wide_projections_decode_through_copies_made_for_each_sequence() -> None
     torch.testing.assert_close(step, expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(compiled, expected, rtol=1e-5, atol=1e-5)
 
+    model.column_block_decoding = False  # the weights as stored: no copies, the same logits
+    with torch.no_grad():
+        cache.reset()
+        model.prefill(TEXT, cache)
+        assert cache.projections == [{}, {}, {}]
+        torch.testing.assert_close(model.decode_step(image[:, 0], cache), expected, rtol=1e-5, atol=1e-5)
+
 
 def test_static_steps_need_the_positions_before_them() -> None:
     model = random_model()

@@ -204,7 +204,9 @@ class EncoderDecoderDALLE(DALLE):
         single = is_decoding_step(cache, n, self.training)
         if cache is not None and start == 0 and not torch.is_grad_enabled():
             layers = [(block.attn, block.ff) for block in self.layer_blocks()]
-            cache.projections = few_row_layouts(layers, x.shape[0])
+            cache.projections = (
+                few_row_layouts(layers, x.shape[0]) if self.column_block_decoding else [{} for _ in layers]
+            )
         context = PassContext(start, cache, self.attention_backend, None, None, config.stable, single)
         recompute = config.gradient_checkpointing and self.training and torch.is_grad_enabled() and cache is None
         for i, layer in enumerate(self.decoder_layers()):
