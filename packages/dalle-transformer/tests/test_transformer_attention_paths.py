@@ -8,7 +8,14 @@ import pytest
 import torch
 
 from dalle_transformer import DALLE, DALLEConfig
-from dalle_transformer.kernels import attend_decode, attend_dense, attend_efficient, attend_flex, attend_rows
+from dalle_transformer.kernels import (
+    attend_decode,
+    attend_dense,
+    attend_efficient,
+    attend_flex,
+    attend_rows,
+    attend_whole_cache,
+)
 from dalle_transformer.masks import AttentionPattern
 
 TYPES = ["full", "axial_row", "axial_col", "conv_like", "sparse"]
@@ -82,6 +89,26 @@ def test_efficient_gradients_match_dense(attn_types: tuple[str, ...]) -> None:
         torch.testing.assert_close(grads["efficient"][name], grad, rtol=1e-4, atol=1e-5, msg=name)
 
 
+def test_compiled_training_of_every_type_gives_eager_gradients() -> None:
+    """``torch.compile`` of a model mixing the gathered attention types: the eager loss and gradients, and the index
+    tables looked up outside the graphs (traced into, building them hit a host read and broke the graph with a
+    warning)."""
+    from torch._dynamo.utils import counters
+
+    model = random_model(make_config(("axial_row", "conv_like", "sparse"))).train()
+    text, image = inputs(model.config)
+    model.loss(text, image).loss.backward()
+    expected = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+    counters.clear()
+    compiled = torch.compile(model)
+    compiled(text, image).loss.backward()
+    assert counters["stats"]["unique_graphs"] > 0
+    assert not [reason for reason in counters["graph_break"] if "item()" in reason], dict(counters["graph_break"])
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, expected[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
 @pytest.mark.parametrize("attn_types", STACKS, ids="+".join)
 @pytest.mark.parametrize("primed", [0, 7])
 def test_cached_decode_matches_dense_forward(attn_types: tuple[str, ...], primed: int) -> None:
@@ -114,6 +141,9 @@ def test_kernels_agree_row_by_row(kind: str) -> None:
         one = attend_decode(q[:, :, position : position + 1], k[:, :, : position + 1], v[:, :, : position + 1],
                             pattern, position)  # fmt: skip
         torch.testing.assert_close(one, dense[:, :, position : position + 1])
+        # The CUDA form of a static decoding step: the whole cache under the position's mask row.
+        whole = attend_whole_cache(q[:, :, position : position + 1], k, v, pattern, torch.tensor([position]))
+        torch.testing.assert_close(whole, dense[:, :, position : position + 1])
     # Several new queries after a non-empty cache, and a shorter sequence (a prefix) on the efficient path.
     rows = attend_rows(q[:, :, 9:13], k[:, :, :13], v[:, :, :13], pattern, 9, 0.0)
     torch.testing.assert_close(rows, dense[:, :, 9:13])

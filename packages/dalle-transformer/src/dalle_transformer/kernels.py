@@ -167,8 +167,7 @@ def attend_decode_at(
     opaque: a compiled step then reads only the keys the mask allows, at every position, without recompiling.
     """
     if q.is_cuda:
-        mask = _mask_rows(pattern, q.device).index_select(0, position)  # [1, max_len]
-        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        return attend_whole_cache(q, keys, values, pattern, position)
     kind, *sizes = dataclasses.astuple(pattern)
     return _attend_decode_cached(q, keys, values, position, kind, sizes)
 
@@ -189,9 +188,13 @@ def _(
     return q.new_empty(q.shape)
 
 
-@cached_table
-def _mask_rows(pattern: AttentionPattern, device: torch.device) -> torch.Tensor:
-    return pattern.square_mask(pattern.max_len, device=device)
+def attend_whole_cache(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, pattern: AttentionPattern, position: torch.Tensor
+) -> torch.Tensor:
+    """:func:`attend_decode_at` on CUDA: every cached key under the mask row of ``position``, computed on the device
+    from the position (a few hundred comparisons; no table, so nothing for ``torch.compile`` to look up)."""
+    mask = pattern.dense_mask(position, keys.shape[-2])  # [1, max_len]
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
 
 
 def attend_rows(

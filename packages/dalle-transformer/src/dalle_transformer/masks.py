@@ -38,8 +38,10 @@ T = TypeVar("T")
 def cached_table(build: Callable[P, T]) -> Callable[P, T]:
     """``functools.lru_cache(maxsize=64)`` for tables derived from patterns (index tables, masks), built outside
     ``torch.inference_mode``: a table first needed while generating is reused in training, where autograd refuses
-    inference tensors."""
+    inference tensors. Looked up outside ``torch.compile``'s graphs: traced into, the lookup would rebuild the table
+    in the graph, and the builders' host-side checks broke the graph with a warning."""
 
+    @torch.compiler.disable
     @functools.lru_cache(maxsize=64)
     @functools.wraps(build)
     def cached(*args: P.args, **kwargs: P.kwargs) -> T:
