@@ -34,11 +34,11 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from dalle_core.errors import ConfigError, ShapeError
-from dalle_transformer.attention import PassContext, is_decoding_step
+from dalle_transformer.attention import Attention, PassContext, is_decoding_step
 from dalle_transformer.cache import KVCache
 from dalle_transformer.config import DALLEConfig
 from dalle_transformer.cross_attention import MemoryAttention, ResidualBranch
-from dalle_transformer.layers import Block, FeedForward, few_row_layouts
+from dalle_transformer.layers import Block, FeedForward
 from dalle_transformer.linear import linear
 from dalle_transformer.masks import AttentionPattern, layer_patterns
 from dalle_transformer.model import DALLE, DALLEOutput, _upcast
@@ -154,6 +154,9 @@ class EncoderDecoderDALLE(DALLE):
         """The decoder's ``depth`` self-attention / feed-forward blocks."""
         return [layer.block for layer in self.decoder_layers()]
 
+    def _layer_modules(self) -> list[tuple[Attention | None, FeedForward | None]]:
+        return [(block.attn, block.ff) for block in self.layer_blocks()]
+
     # ---------------------------------------------------------------- building blocks
 
     def _image_logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -202,11 +205,7 @@ class EncoderDecoderDALLE(DALLE):
         if config.stable:
             x = x * 0.1 + x.detach() * 0.9
         single = is_decoding_step(cache, n, self.training)
-        if cache is not None and start == 0 and not torch.is_grad_enabled():
-            layers = [(block.attn, block.ff) for block in self.layer_blocks()]
-            cache.projections = (
-                few_row_layouts(layers, x.shape[0]) if self.column_block_decoding else [{} for _ in layers]
-            )
+        self._renew_decoding_copies(cache, start, x.shape[0])
         context = PassContext(start, cache, self.attention_backend, None, None, config.stable, single)
         recompute = config.gradient_checkpointing and self.training and torch.is_grad_enabled() and cache is None
         for i, layer in enumerate(self.decoder_layers()):

@@ -26,11 +26,11 @@ from dalle_core.checkpoint import CONFIG_FILE, atomic_directory, load_weights, r
 from dalle_core.config import from_dict, to_dict
 from dalle_core.errors import CheckpointError, ConfigError, ShapeError
 from dalle_transformer import generation
-from dalle_transformer.attention import ATTENTION_BACKENDS, PassContext, is_decoding_step
+from dalle_transformer.attention import ATTENTION_BACKENDS, Attention, PassContext, is_decoding_step
 from dalle_transformer.cache import KVCache
 from dalle_transformer.config import DALLEConfig
 from dalle_transformer.inputs import check_image_ids, check_image_prefix, check_text_ids
-from dalle_transformer.layers import Block, few_row_layouts, run_sequential
+from dalle_transformer.layers import Block, FeedForward, few_row_layouts, run_sequential
 from dalle_transformer.linear import linear
 from dalle_transformer.masks import layer_patterns
 from dalle_transformer.reversible import run_reversible
@@ -261,8 +261,7 @@ class DALLE(nn.Module):
                     f"the transformer reads at most {config.total_seq_len} positions, got up to {start + n}"
                 )
             single = is_decoding_step(cache, n, self.training)
-            if cache is not None and start == 0 and not torch.is_grad_enabled():
-                cache.projections = self._few_row_layouts(x.shape[0])
+            self._renew_decoding_copies(cache, start, x.shape[0])
         else:
             # A decoding step checked by its caller: reading cache.length here would make torch.compile specialise
             # the step on it (one compile per position).
@@ -301,12 +300,19 @@ class DALLE(nn.Module):
             functools.partial(block.feed_forward_branch, ff=ff, context=context),
         )
 
-    def _few_row_layouts(self, rows: int) -> list[dict[str, torch.Tensor]]:
-        if not self.column_block_decoding:
-            return [{} for _ in range(self.config.depth)]
+    def _layer_modules(self) -> list[tuple[Attention | None, FeedForward | None]]:
+        """Each layer's attention and feed-forward modules, its own or its owner's."""
         blocks = cast(list[Block], list(self.blocks))
         owners = zip(self.attn_owner, self.ff_owner, strict=True)
-        return few_row_layouts([(blocks[attn].attn, blocks[ff].ff) for attn, ff in owners], rows)
+        return [(blocks[attn].attn, blocks[ff].ff) for attn, ff in owners]
+
+    def _renew_decoding_copies(self, cache: KVCache | None, start: int, rows: int) -> None:
+        """At the first pass over an empty ``cache`` without autograd (a sequence starting to decode), replace its
+        ``projections`` by column-blocked copies of the current weights (none with ``column_block_decoding`` off)."""
+        if cache is None or start != 0 or torch.is_grad_enabled():
+            return
+        layers = self._layer_modules()
+        cache.projections = few_row_layouts(layers, rows) if self.column_block_decoding else [{} for _ in layers]
 
     def _final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.config.stable:
