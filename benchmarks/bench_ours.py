@@ -11,7 +11,7 @@ import json
 import sys
 
 import torch
-from configs import CONFIGS, GENERATE_BATCH, NUM_IMAGE_TOKENS, NUM_TEXT_TOKENS, TRAIN_BATCH
+from configs import CONFIGS, GENERATE_BATCH, NUM_IMAGE_TOKENS, NUM_TEXT_TOKENS, PEER_ARCHITECTURE, TRAIN_BATCH
 from timing import median_seconds, peak_rss_mib, random_batch
 
 from dalle_train.config import OptimizerConfig
@@ -22,7 +22,7 @@ from dalle_vae import DiscreteVAE, DiscreteVAEConfig
 
 
 def build(name: str, attention: str) -> DALLE:
-    config = dict(CONFIGS[name])
+    config = {**CONFIGS[name], **PEER_ARCHITECTURE}
     fields = {f for f in DALLEConfig.__dataclass_fields__}
     options = {k: v for k, v in config.items() if k in fields}
     if attention != "full":
@@ -113,11 +113,23 @@ def vae(name: str, repeats: int) -> dict:
     return {"encode_images_per_s": 16 / encode, "decode_images_per_s": 16 / decode}
 
 
+def parameters(name: str, attention: str) -> dict:
+    """Parameter counts of the transformer layers and of the whole model, to check that both sides build the same
+    model (``run.py`` compares them with the peer's before measuring)."""
+    model = build(name, attention)
+    return {
+        "layers": sum(p.numel() for p in model.blocks.parameters()),
+        "total": sum(p.numel() for p in model.parameters()),
+    }
+
+
 def main(argv: list[str]) -> None:
     what, name = argv[0], argv[1]
     attention = argv[2] if len(argv) > 2 else "full"
     torch.manual_seed(0)
-    if what == "train":
+    if what == "parameters":
+        result = parameters(name, attention)
+    elif what == "train":
         result = train(name, attention, repeats=5 if name == "S" else 3)
     elif what == "train_compiled":
         result = train(name, attention, repeats=5 if name == "S" else 3, compiled=True)

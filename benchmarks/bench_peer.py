@@ -37,7 +37,8 @@ def build(name: str, attention: str):
     )
     if attention == "sparse":
         raise SystemExit(json.dumps({"skipped": "DALLE-pytorch's sparse attention needs DeepSpeed's CUDA kernels"}))
-    # Rotary embeddings and token shifting off: ours has neither yet, so both sides compute the same model.
+    # Rotary embeddings and token shifting off, as in ours with configs.PEER_ARCHITECTURE (its GEGLU feed-forward and
+    # LayerScale are always on): both sides build the same model, which run.py checks by parameter count.
     model = peer.DALLE(
         dim=config["dim"],
         vae=vae,
@@ -114,11 +115,20 @@ def vae(name: str, repeats: int) -> dict:
     return {"encode_images_per_s": 16 / encode, "decode_images_per_s": 16 / decode}
 
 
+def parameters(name: str, attention: str) -> dict:
+    """Parameter counts of its transformer and of the whole model without the (unused, untrained) VAE."""
+    _, model = build(name, attention)
+    total = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("vae."))
+    return {"layers": sum(p.numel() for p in model.transformer.parameters()), "total": total}
+
+
 def main(argv: list[str]) -> None:
     what, name = argv[0], argv[1]
     attention = argv[2] if len(argv) > 2 else "full"
     torch.manual_seed(0)
-    if what == "train":
+    if what == "parameters":
+        result = parameters(name, attention)
+    elif what == "train":
         result = train(name, attention, repeats=5 if name == "S" else 3)
     elif what in ("generate_images", "generate_images_guided", "cached_loop"):
         result = generate(name, attention, repeats=3 if name == "S" else 1, mode=what)

@@ -113,9 +113,24 @@ def ratio(ours: dict, theirs: dict | None, key: str, invert: bool = False) -> st
     return f"{value:.2f}x"
 
 
+def check_same_model(args: argparse.Namespace, name: str, attention: str) -> None:
+    """Stop before measuring when the two sides' models differ in parameter count: their ratios would compare
+    different models (as they did before ``configs.PEER_ARCHITECTURE``: a GELU MLP against a GEGLU one)."""
+    ours = measure(args.ours, "bench_ours.py", "parameters", name, attention)
+    peer = measure(args.peer, "bench_peer.py", "parameters", name, attention)
+    if "error" in ours or "error" in peer:
+        return  # a side that cannot build this config reports why in its measurements
+    if ours != peer:
+        raise SystemExit(
+            f"{name}/{attention}: expected the same model on both sides, got parameters {ours} (ours) vs {peer} (peer)"
+        )
+
+
 def measure_config(args: argparse.Namespace, name: str, attention: str) -> dict:
     """Every measurement of one config and attention type, ``args.rounds`` times, combined by :func:`combine`."""
     rounds: dict = {"ours": {}, "peer": {}}
+    if args.peer:
+        check_same_model(args, name, attention)
     plan = [("ours", args.ours, "bench_ours.py", what, None) for what in OUR_MEASUREMENTS]
     if args.peer:
         plan += [("peer", args.peer, "bench_peer.py", "train", None)]

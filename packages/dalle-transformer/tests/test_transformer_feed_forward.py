@@ -1,0 +1,73 @@
+"""The feed-forward's GEGLU (values, gradients and what it keeps for backward) and its one-position decoding form
+against float64 references computed independently."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from dalle_transformer.layers import FeedForward, few_row_layouts, geglu
+
+
+def naive_geglu(h: torch.Tensor) -> torch.Tensor:
+    x, gate = h.chunk(2, dim=-1)
+    return x * 0.5 * gate * (1 + torch.erf(gate / math.sqrt(2)))  # GELU from its formula
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 8), (12, 4)])
+def test_geglu_values_and_gradients_match_the_formula(shape):
+    generator = torch.Generator().manual_seed(0)
+    h = torch.randn(shape, generator=generator, requires_grad=True)
+    weights = torch.randn(naive_geglu(h).shape, generator=generator)
+    (geglu(h) * weights).sum().backward()
+    assert h.grad is not None
+    grad = h.grad.clone()
+    h64 = h.detach().double().requires_grad_()
+    expected = naive_geglu(h64)
+    (expected * weights.double()).sum().backward()
+    torch.testing.assert_close(geglu(h).double(), expected.detach(), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(grad.double(), h64.grad, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(geglu(h).double(), expected.detach(), atol=1e-6, rtol=1e-5)
+
+
+def test_geglu_keeps_only_its_input_for_backward():
+    kept: list[torch.Tensor] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        kept.append(t)
+        return t
+
+    h = torch.randn(6, 16, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = geglu(h)
+    assert [t.data_ptr() for t in kept] == [h.data_ptr()]  # not gelu(gate): recomputed in backward
+    out.sum().backward()
+    assert h.grad is not None and h.grad.shape == h.shape
+
+
+@pytest.mark.parametrize("activation", ["gelu", "geglu"])
+@pytest.mark.parametrize(("rows", "dim"), [(4, 256), (3, 512), (1, 64)])
+def test_one_position_matches_forward(activation, rows, dim):
+    torch.manual_seed(0)
+    ff = FeedForward(dim, mult=4, dropout=0.0, activation=activation).eval()
+    x = torch.randn(rows, 1, dim)
+    with torch.no_grad():
+        expected = ff.net.double()(x.double())
+        ff.float()
+        layouts = few_row_layouts([(_Attention(dim), ff)], rows)[0]
+        assert ("ff.out" in layouts) == (4 * dim > 1024 and rows > 1)  # the blocked product is exercised too
+        got = ff.one_position(x, layouts)
+    assert got.shape == x.shape and got.is_contiguous()
+    torch.testing.assert_close(got.double(), expected, atol=1e-4, rtol=1e-4)
+
+
+class _Attention(torch.nn.Module):
+    """The attention projections ``few_row_layouts`` looks at, too narrow to be copied."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.to_qkv = torch.nn.Linear(dim, 3 * dim, bias=False)
+        self.to_out = torch.nn.Linear(dim, dim)
