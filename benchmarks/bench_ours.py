@@ -12,7 +12,7 @@ import sys
 
 import torch
 from configs import CONFIGS, GENERATE_BATCH, NUM_IMAGE_TOKENS, NUM_TEXT_TOKENS, PEER_ARCHITECTURE, TRAIN_BATCH
-from timing import median_seconds, peak_rss_mib, random_batch
+from timing import median_seconds, peak_rss_mib, random_batch, run_measurement
 
 from dalle_train.config import OptimizerConfig
 from dalle_train.optim import build_adamw
@@ -123,28 +123,16 @@ def parameters(name: str, attention: str) -> dict:
     }
 
 
-def main(argv: list[str]) -> None:
-    what, name = argv[0], argv[1]
-    attention = argv[2] if len(argv) > 2 else "full"
-    torch.manual_seed(0)
-    if what == "parameters":
-        result = parameters(name, attention)
-    elif what == "train":
-        result = train(name, attention, repeats=5 if name == "S" else 3)
-    elif what == "train_compiled":
-        result = train(name, attention, repeats=5 if name == "S" else 3, compiled=True)
-    elif what == "generate":
-        result = generate(name, attention, repeats=3, cond_scale=1.0)
-    elif what == "generate_guided":
-        result = generate(name, attention, repeats=3, cond_scale=3.0)
-    elif what == "generate_compiled":
-        result = generate(name, attention, repeats=3, cond_scale=1.0, compiled=True)
-    elif what == "vae":
-        result = vae(name, repeats=5)
-    else:
-        raise SystemExit(f"unknown measurement {what!r}")
-    print(json.dumps(result))
+MEASUREMENTS = {
+    "parameters": parameters,
+    "train": lambda name, attention: train(name, attention, repeats=5 if name == "S" else 3),
+    "train_compiled": lambda name, attention: train(name, attention, repeats=5 if name == "S" else 3, compiled=True),
+    "generate": lambda name, attention: generate(name, attention, repeats=3, cond_scale=1.0),
+    "generate_guided": lambda name, attention: generate(name, attention, repeats=3, cond_scale=3.0),
+    "generate_compiled": lambda name, attention: generate(name, attention, repeats=3, cond_scale=1.0, compiled=True),
+    "vae": lambda name, attention: vae(name, repeats=5),
+}
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_measurement(sys.argv[1:], MEASUREMENTS)

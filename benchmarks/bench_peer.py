@@ -13,7 +13,7 @@ import warnings
 
 import torch
 from configs import CONFIGS, GENERATE_BATCH, NUM_IMAGE_TOKENS, NUM_TEXT_TOKENS, TRAIN_BATCH
-from timing import median_seconds, peak_rss_mib, random_batch
+from timing import median_seconds, peak_rss_mib, random_batch, run_measurement
 
 
 def import_peer():
@@ -122,22 +122,17 @@ def parameters(name: str, attention: str) -> dict:
     return {"layers": sum(p.numel() for p in model.transformer.parameters()), "total": total}
 
 
-def main(argv: list[str]) -> None:
-    what, name = argv[0], argv[1]
-    attention = argv[2] if len(argv) > 2 else "full"
-    torch.manual_seed(0)
-    if what == "parameters":
-        result = parameters(name, attention)
-    elif what == "train":
-        result = train(name, attention, repeats=5 if name == "S" else 3)
-    elif what in ("generate_images", "generate_images_guided", "cached_loop"):
-        result = generate(name, attention, repeats=3 if name == "S" else 1, mode=what)
-    elif what == "vae":
-        result = vae(name, repeats=5)
-    else:
-        raise SystemExit(f"unknown measurement {what!r}")
-    print(json.dumps(result))
+def _generate(mode: str):
+    return lambda name, attention: generate(name, attention, repeats=3 if name == "S" else 1, mode=mode)
+
+
+MEASUREMENTS = {
+    "parameters": parameters,
+    "train": lambda name, attention: train(name, attention, repeats=5 if name == "S" else 3),
+    **{mode: _generate(mode) for mode in ("generate_images", "generate_images_guided", "cached_loop")},
+    "vae": lambda name, attention: vae(name, repeats=5),
+}
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_measurement(sys.argv[1:], MEASUREMENTS)

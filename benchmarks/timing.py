@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import platform
 import resource
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 from configs import NUM_IMAGE_TOKENS, NUM_TEXT_TOKENS
@@ -51,3 +52,14 @@ def machine() -> dict:
         "threads": torch.get_num_threads(),
         "date": time.strftime("%Y-%m-%d"),
     }
+
+
+def run_measurement(argv: list[str], measurements: Mapping[str, Callable[[str, str], dict]]) -> None:
+    """A runner's command line, ``MEASUREMENT CONFIG [ATTENTION]``: prints that measurement's result as one JSON
+    line (what ``run.py`` reads)."""
+    what, name = argv[0], argv[1]
+    attention = argv[2] if len(argv) > 2 else "full"
+    if what not in measurements:
+        raise SystemExit(f"unknown measurement {what!r}: expected one of {', '.join(measurements)}")
+    torch.manual_seed(0)
+    print(json.dumps(measurements[what](name, attention)))
