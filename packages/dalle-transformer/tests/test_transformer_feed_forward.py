@@ -48,6 +48,28 @@ def test_geglu_keeps_only_its_input_for_backward():
     assert h.grad is not None and h.grad.shape == h.shape
 
 
+def test_compiled_geglu_feed_forward_has_no_graph_break_and_eager_gradients():
+    """Under ``torch.compile`` the GEGLU is the plain formula (dynamo cannot trace the autograd function's backward
+    and broke the graph there); the loss and gradients are eager's."""
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    ff = FeedForward(16, mult=4, dropout=0.0, activation="geglu")
+    x = torch.randn(2, 3, 16, requires_grad=True)
+    ff(x).square().sum().backward()
+    expected = {name: p.grad.clone() for name, p in ff.named_parameters() if p.grad is not None}
+    expected_x = x.grad.clone()
+    ff.zero_grad()
+    x.grad = None
+    counters.clear()
+    torch.compile(ff)(x).square().sum().backward()
+    assert counters["stats"]["unique_graphs"] > 0
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    for name, p in ff.named_parameters():
+        torch.testing.assert_close(p.grad, expected[name], rtol=1e-4, atol=1e-5, msg=name)
+    torch.testing.assert_close(x.grad, expected_x, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("activation", ["gelu", "geglu"])
 @pytest.mark.parametrize(("rows", "dim"), [(4, 256), (3, 512), (1, 64)])
 def test_one_position_matches_forward(activation, rows, dim):

@@ -24,11 +24,15 @@ from dalle_transformer.masks import AttentionPattern
 
 def geglu(h: torch.Tensor) -> torch.Tensor:
     """``x * gelu(gate)`` for the two halves ``x, gate`` of ``h``'s last dim (DALLE-pytorch's feed-forward
-    activation). With autograd it keeps only ``h`` for backward (:class:`_GEGLUFunction`)."""
-    if torch.is_grad_enabled() and h.requires_grad:
-        return cast(torch.Tensor, _GEGLUFunction.apply(h))
+    activation). With autograd it keeps only ``h`` for backward (:class:`_GEGLUFunction`); under ``torch.compile``
+    the plain formula, whose saved values and fusion inductor chooses itself (dynamo cannot trace the function's
+    backward, which writes into views of one gradient, and would break the graph there)."""
     x, gate = h.chunk(2, dim=-1)
-    return F.gelu(gate).mul_(x)
+    if not (torch.is_grad_enabled() and h.requires_grad):
+        return F.gelu(gate).mul_(x)
+    if torch.compiler.is_compiling():
+        return x * F.gelu(gate)
+    return cast(torch.Tensor, _GEGLUFunction.apply(h))
 
 
 class _GEGLUFunction(torch.autograd.Function):
