@@ -129,8 +129,10 @@ def test_compiled_training_matches_eager_and_saves_plain_weights(tmp_path, token
     counters.clear()
     run(tiny_dalle_run(token_assets, steps=2, compile=True), tmp_path / "compiled")
     assert counters["stats"]["unique_graphs"] > 0  # it did go through torch.compile
-    # The input checks read their verdict on the host outside the compiled graphs, not as a warned graph break.
-    assert not [reason for reason in counters["graph_break"] if "item()" in reason], dict(counters["graph_break"])
+    # The input checks read their verdict on the host outside the compiled graphs (torch.compiler.disable), not as a
+    # warned graph break; nothing else breaks the graphs.
+    unexpected = [reason for reason in counters["graph_break"] if "torch.compiler.disable" not in reason]
+    assert not unexpected, unexpected
     eager, compiled = final_state(tmp_path / "eager"), final_state(tmp_path / "compiled")
     assert eager.keys() == compiled.keys()
     for name in eager:

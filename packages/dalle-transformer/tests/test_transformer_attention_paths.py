@@ -90,12 +90,14 @@ def test_efficient_gradients_match_dense(attn_types: tuple[str, ...]) -> None:
 
 
 def test_compiled_training_of_every_type_gives_eager_gradients() -> None:
-    """``torch.compile`` of a model mixing the gathered attention types: the eager loss and gradients, and the index
-    tables looked up outside the graphs (traced into, building them hit a host read and broke the graph with a
-    warning)."""
+    """``torch.compile`` of a model mixing the gathered attention types (with DALLE-pytorch's GEGLU feed-forward and
+    LayerScale): the eager loss and gradients, and no graph break but the deliberate ``torch.compiler.disable`` calls
+    (the index tables, traced into, hit a host read and broke the graph with a warning; so did the GEGLU's autograd
+    function)."""
     from torch._dynamo.utils import counters
 
-    model = random_model(make_config(("axial_row", "conv_like", "sparse"))).train()
+    config = make_config(("axial_row", "conv_like", "sparse"), ff_activation="geglu", layer_scale=True)
+    model = random_model(config).train()
     text, image = inputs(model.config)
     model.loss(text, image).loss.backward()
     expected = {name: p.grad.clone() for name, p in model.named_parameters()}
@@ -104,7 +106,8 @@ def test_compiled_training_of_every_type_gives_eager_gradients() -> None:
     compiled = torch.compile(model)
     compiled(text, image).loss.backward()
     assert counters["stats"]["unique_graphs"] > 0
-    assert not [reason for reason in counters["graph_break"] if "item()" in reason], dict(counters["graph_break"])
+    unexpected = [reason for reason in counters["graph_break"] if "torch.compiler.disable" not in reason]
+    assert not unexpected, unexpected
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.grad, expected[name], rtol=1e-4, atol=1e-5, msg=name)
 

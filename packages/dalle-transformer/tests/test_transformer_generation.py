@@ -189,11 +189,15 @@ def test_compiled_decoding_gives_the_eager_ids() -> None:
             TEXT, cond_scale=2.5, top_k=9, init_image_ids=prime, generator=torch.Generator().manual_seed(5)
         )
 
+    from torch._dynamo.utils import counters
+
     eager = sample()
     model.compile_decoding = True
+    counters.clear()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a failed compile falls back to eager steps with a warning: not here
         assert torch.equal(sample(), eager)
+    assert counters["stats"]["unique_graphs"] > 0 and not counters["graph_break"], dict(counters["graph_break"])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
