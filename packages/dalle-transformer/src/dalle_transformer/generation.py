@@ -95,10 +95,10 @@ def generate_image_ids(
       ``num_init_img_tokens``: all ``k`` of a partial prefix, or ``int(0.4375 * image_seq_len)`` of a whole image.
     - ``callback(step, ids)`` is called every ``callback_every`` sampled tokens and after the last, with ``step``
       the number of image tokens known so far and ``ids`` a copy of them, ``int64[B, step]``.
-    - ``generator`` seeds the draws (a CPU generator works for a model on any device, and gives the same ids); or
-      ``row_generators``, one per row: then each row's ids depend only on its text, options and generator, not on
-      the other rows of the batch (up to float rounding of the batched forward), so batching stays reproducible
-      per image.
+    - ``generator`` seeds the draws (a CPU generator works for a model on any device, with the same ids up to
+      float rounding); or ``row_generators``, one per row: then each row's ids depend only on its text, options and
+      generator, not on the other rows of the batch (up to float rounding of the batched forward), so batching
+      stays reproducible per image.
     """
     config = model.config
     top_k = resolve_top_k(top_k, top_k_fraction, config.num_image_tokens)

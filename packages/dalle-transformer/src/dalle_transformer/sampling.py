@@ -125,7 +125,7 @@ def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch
     if not bool(usable.all()):
         raise DalleError(
             "sampling: expected finite probabilities with a positive sum in every row, got rows "
-            f"{torch.nonzero(~usable).flatten().tolist()} without (the model's logits are not finite)"
+            f"{torch.nonzero(~usable).flatten().tolist()} without (NaN or infinite logits give such rows)"
         )
     # U >= the smallest normal float keeps E finite, and U < 1 keeps it > 0: an id of probability 0 scores 0 and
     # cannot beat the most probable id, whose score is > 0.
