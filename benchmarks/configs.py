@@ -29,7 +29,8 @@ def model_flops_per_training_token(config: dict, num_text_tokens: int = NUM_TEXT
     dim, depth, inner = config["dim"], config["depth"], config["heads"] * config["dim_head"]
     text_len, image_len = config["text_seq_len"], config["image_fmap_size"] ** 2
     length = text_len + image_len
-    block_params = 3 * dim * inner + inner * dim + (2 + 1) * 4 * dim * dim  # GEGLU: dim -> 2 x 4dim, 4dim -> dim
+    gate = 2 if PEER_ARCHITECTURE["ff_activation"] == "geglu" else 1  # GEGLU: dim -> 2 x 4dim, then 4dim -> dim
+    block_params = 3 * dim * inner + inner * dim + (gate + 1) * 4 * dim * dim
     attention_pairs = length * (length + 1) / 2
     attention_flops = depth * 2 * 2 * attention_pairs * inner  # QK^T and AV
     logits_flops = 2 * dim * (text_len * (num_text_tokens + text_len) + image_len * NUM_IMAGE_TOKENS)
