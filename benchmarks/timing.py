@@ -38,9 +38,20 @@ def peak_rss_mib() -> float:
 
 
 def sgemm_flops(size: int = 1024, repeats: int = 10) -> float:
-    """Measured fp32 matrix-multiply throughput of this machine, FLOP/s (median of ``repeats``)."""
+    """Measured fp32 matrix-multiply throughput of this machine through PyTorch's BLAS (``a @ b``: MKL on x86), FLOP/s
+    (median of ``repeats``)."""
     a, b = torch.randn(size, size), torch.randn(size, size)
     seconds = median_seconds(lambda: a @ b, repeats, warmup=3)
+    return 2 * size**3 / seconds
+
+
+def onednn_gemm_flops(size: int = 1024, repeats: int = 10) -> float | None:
+    """The same product's throughput in oneDNN (which uses AVX-512 where MKL may not: on AMD processors), FLOP/s;
+    None where PyTorch is built without it."""
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+        return None
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    seconds = median_seconds(lambda: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], ""), repeats, warmup=3)
     return 2 * size**3 / seconds
 
 
@@ -49,6 +60,7 @@ def machine() -> dict:
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
         "torch": torch.__version__,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "threads": torch.get_num_threads(),
         "date": time.strftime("%Y-%m-%d"),
     }

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from dalle_transformer.layers import FeedForward, few_row_layouts, geglu
+from dalle_transformer.linear import ONEDNN_IS_FASTER
 
 
 def naive_geglu(h: torch.Tensor) -> torch.Tensor:
@@ -72,22 +73,26 @@ def test_compiled_geglu_feed_forward_has_no_graph_break_and_eager_gradients():
 
 @pytest.mark.parametrize("activation", ["gelu", "geglu"])
 @pytest.mark.parametrize(("rows", "dim"), [(4, 256), (3, 512), (1, 64)])
-def test_one_position_matches_forward(activation, rows, dim):
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "blocks"])
+def test_one_position_matches_forward(activation, rows, dim, packed):
     torch.manual_seed(0)
     ff = FeedForward(dim, mult=4, dropout=0.0, activation=activation).eval()
     x = torch.randn(rows, 1, dim)
     with torch.no_grad():
         expected = ff.net.double()(x.double())
         ff.float()
-        layouts = few_row_layouts([(_Attention(dim), ff)], rows)[0]
-        assert ("ff.out" in layouts) == (4 * dim > 1024 and rows > 1)  # the blocked product is exercised too
+        layouts = few_row_layouts([(_Attention(dim), ff)], rows, packed=packed)[0]
+        if packed and ONEDNN_IS_FASTER:  # every weight in oneDNN's layout
+            assert set(layouts) == {"attn.qkv", "attn.out", "ff.in", "ff.out"}
+        else:  # the blocked product is exercised too
+            assert ("ff.out" in layouts) == (4 * dim > 1024 and rows > 1)
         got = ff.one_position(x, layouts)
     assert got.shape == x.shape and got.is_contiguous()
     torch.testing.assert_close(got.double(), expected, atol=1e-4, rtol=1e-4)
 
 
 class _Attention(torch.nn.Module):
-    """The attention projections ``few_row_layouts`` looks at, too narrow to be copied."""
+    """The attention projections ``few_row_layouts`` looks at (copied only in oneDNN's layout)."""
 
     def __init__(self, dim: int) -> None:
         super().__init__()

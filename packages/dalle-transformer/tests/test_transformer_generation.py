@@ -11,6 +11,7 @@ import torch
 from dalle_core.errors import ShapeError
 from dalle_transformer import DALLE, DALLEConfig
 from dalle_transformer.generation import Sampler, sample_image_ids
+from dalle_transformer.linear import ONEDNN_IS_FASTER
 from dalle_transformer.sampling import (
     filter_top_k,
     filter_top_p,
@@ -127,28 +128,40 @@ def test_decode_step_at_device_positions_matches_decode_step(options: dict) -> N
                 torch.testing.assert_close(got[:, :written], expected[:, :written])
 
 
-def test_wide_projections_decode_through_copies_made_for_each_sequence() -> None:
-    """Decoding copies the wide weights into column blocks when a sequence starts (once per shared weight), so a
-    sequence started after the weights change decodes with the new weights."""
+def _copied_values(copy: torch.Tensor) -> torch.Tensor:
+    """The ``[out, in]`` weight a few-row copy holds: oneDNN's blocked layout, or column blocks."""
+    return copy.to_dense() if copy.is_mkldnn else copy.transpose(0, 1).flatten(1)
+
+
+def test_projections_decode_through_copies_made_for_each_sequence() -> None:
+    """Decoding copies the weights into the layout few-row products are fastest with when a sequence starts (once per
+    shared weight): on AVX-512 CPUs every projection in oneDNN's layout, elsewhere the wide ones in column blocks,
+    and column blocks for a compiled step. A sequence started after the weights change decodes with the new ones."""
     model = random_model(std=0.05, **LAYER_OPTIONS["wide_feed_forward"])
     image = torch.randint(
         0, CONFIG.num_image_tokens, (3, CONFIG.image_seq_len), generator=torch.Generator().manual_seed(0)
     )
+    packed_names = {"attn.qkv", "attn.out", "ff.in", "ff.out"}
     with torch.no_grad():
         cache = model.new_cache(3)
         model.prefill(TEXT, cache)
         layouts = cache.projections
-        assert [set(layout) for layout in layouts] == [{"ff.out"}] * 3  # the 2048-column weights only
+        assert [set(layout) for layout in layouts] == [packed_names if ONEDNN_IS_FASTER else {"ff.out"}] * 3
+        assert all(copy.is_mkldnn == ONEDNN_IS_FASTER for layout in layouts for copy in layout.values())
         assert layouts[0]["ff.out"] is layouts[1]["ff.out"] is not layouts[2]["ff.out"]
         _, ff_out = model.blocks[2].ff.projections
-        torch.testing.assert_close(layouts[2]["ff.out"].transpose(0, 1).flatten(1), ff_out.weight)
+        torch.testing.assert_close(_copied_values(layouts[2]["ff.out"]), ff_out.weight)
 
         ff_out.weight.mul_(-1.5)  # as an optimizer step would: in place
         cache.reset()
         model.prefill(TEXT, cache)
         step = model.decode_step(image[:, 0], cache)
+        model.compile_decoding = True  # copies a compiled step can take: column blocks
         compiled_cache = model.new_cache(3)
         model.prefill(TEXT, compiled_cache)
+        assert [set(layout) for layout in compiled_cache.projections] == [{"ff.out"}] * 3
+        assert not compiled_cache.projections[0]["ff.out"].is_mkldnn
+        torch.testing.assert_close(_copied_values(compiled_cache.projections[2]["ff.out"]), ff_out.weight)
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # a failed compile falls back to eager steps with a warning: not here
             compiled = StaticDecoder(model, compiled_cache, compile_step=True)(image[:, 0], 0)
@@ -156,7 +169,8 @@ def test_wide_projections_decode_through_copies_made_for_each_sequence() -> None
     torch.testing.assert_close(step, expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(compiled, expected, rtol=1e-5, atol=1e-5)
 
-    model.column_block_decoding = False  # the weights as stored: no copies, the same logits
+    model.compile_decoding = False
+    model.decoding_weight_copies = False  # the weights as stored: no copies, the same logits
     with torch.no_grad():
         cache.reset()
         model.prefill(TEXT, cache)

@@ -90,7 +90,7 @@ class Attention(nn.Module):
         cache, position = context.cache, context.position
         assert cache is not None  # PassContext.single implies a cache
         layouts = cache.projections[layer_index]
-        qkv = linear(x.reshape(batch, -1), self.to_qkv.weight, blocks=layouts.get("attn.qkv"))
+        qkv = linear(x.reshape(batch, -1), self.to_qkv.weight, prepared=layouts.get("attn.qkv"))
         qkv = qkv.view(batch, 3, self.heads, 1, self.dim_head).transpose(0, 1)  # [3, B, heads, 1, dim_head]
         if context.rotary is not None:
             qkv = rotate(qkv, *context.rotary)

@@ -27,7 +27,7 @@ class KVCache:
     in place, where a write into a slice of one makes it copy the tensor on every step.
 
     ``projections[layer]`` holds, by name, copies of that layer's weights in the layout few-row products are fastest
-    with (:func:`dalle_transformer.linear.column_blocks`), made by the model when a pass starts on the empty cache:
+    with (:func:`dalle_transformer.linear.few_row_copy`), made by the model when a pass starts on the empty cache:
     for the sequence being decoded, not beyond it.
     """
 

@@ -18,7 +18,7 @@ from torch.utils.checkpoint import checkpoint
 
 from dalle_transformer.attention import Attention, PassContext
 from dalle_transformer.config import DALLEConfig
-from dalle_transformer.linear import Linear, column_blocks, linear
+from dalle_transformer.linear import Linear, few_row_copy, linear
 from dalle_transformer.masks import AttentionPattern
 
 
@@ -96,11 +96,11 @@ class FeedForward(nn.Module):
 
 
 def few_row_layouts(
-    layers: Sequence[tuple[Attention | None, FeedForward | None]], rows: int
+    layers: Sequence[tuple[Attention | None, FeedForward | None]], rows: int, *, packed: bool = True
 ) -> list[dict[str, torch.Tensor]]:
-    """For each layer's (attention, feed-forward) modules, the :func:`dalle_transformer.linear.column_blocks` of the
-    projections that decoding steps of ``rows`` rows run faster with, by name (a KV cache's ``projections``); none
-    off the CPU or for narrow weights. A weight shared between layers is copied once."""
+    """For each layer's (attention, feed-forward) modules, the :func:`dalle_transformer.linear.few_row_copy` of the
+    projections that decoding steps of ``rows`` rows run faster with (``packed``: as there), by name (a KV cache's
+    ``projections``); none off the CPU. A weight shared between layers is copied once."""
     copies: dict[int, torch.Tensor | None] = {}
     layouts = []
     for attn, ff in layers:
@@ -115,7 +115,7 @@ def few_row_layouts(
         layout = {}
         for name, weight in weights.items():
             if id(weight) not in copies:
-                copies[id(weight)] = column_blocks(weight, rows)
+                copies[id(weight)] = few_row_copy(weight, rows, packed=packed)
             copy = copies[id(weight)]
             if copy is not None:
                 layout[name] = copy

@@ -1,9 +1,9 @@
-"""Linear layers that stay fast when a few rows go through them, as in KV-cached decoding.
+"""Linear layers computed by whichever CPU kernels are fastest for the rows going through them.
 
-For ``x`` of a few rows, ``F.linear`` (``x @ W^T``) makes the CPU BLAS repack the whole weight matrix on every
-call; computing ``(W @ x^T)^T`` instead streams the weight once in its stored row-major order. On the 2-core AVX2
-machine of docs/benchmarks.md that is 2.0-3.2x faster at 4 rows, 1.3-1.6x at 8 to 16 and 1.2x at 64, and the same
-at 1 row or hundreds. The result is the same product, summed in another order (float rounding only).
+For ``x`` of a few rows (KV-cached decoding), ``F.linear`` (``x @ W^T``) makes the CPU BLAS repack the whole weight
+matrix on every call; computing ``(W @ x^T)^T`` instead streams the weight once in its stored row-major order. On a
+2-core AMD EPYC machine (docs/benchmarks.md) that is 2.0-3.2x faster at 4 rows, 1.3-1.6x at 8 to 16 and 1.2x at 64,
+and the same at 1 row or hundreds. The result is the same product, summed in another order (float rounding only).
 
 That product is fast while the few rows of ``x`` are small next to the CPU's caches: on the same machine MKL streams
 a weight at 40-50 GB/s while ``rows x in_features`` stays at or below 4096 floats, and at 13-18 GB/s above (an
@@ -11,9 +11,21 @@ a weight at 40-50 GB/s while ``rows x in_features`` stays at or below 4096 float
 copies such a weight into contiguous blocks of its input columns, each product of a block being under that size,
 and :func:`linear` sums the blocks' products: 2.3-2.5x faster for those weights at 4 rows, 1.5-1.8x at 6 to 8
 (docs/benchmarks.md). Decoding makes these copies when a pass starts on an empty KV cache, for that sequence.
+
+On a CPU whose vector width PyTorch runs at AVX-512 (:data:`ONEDNN_IS_FASTER`), the other products go to oneDNN's
+float32 matrix multiply, forward and backward, instead of the BLAS behind ``F.linear``: MKL runs its AVX2 code on
+AMD processors, oneDNN the AVX-512 code the processor has. On that machine (Zen 5) oneDNN multiplies at 400-460
+GFLOP/s where MKL reaches 190-210 (the forward and input-gradient products of the benchmark models; weight gradients
+300-400), and streams a decoding step's weights faster than the form above from 6 rows on (2x at 32). Decoding
+there reads every projection from a copy in oneDNN's own blocked layout (:func:`few_row_copy`, made per sequence
+like the column blocks), which oneDNN streams faster still, at any number of rows: a medium model's step weights in
+3.4 ms at 4 rows against 4.0 for the column blocks, 3.8 against 5.9 at 8. Still float32 products, summed in another
+order.
 """
 
 from __future__ import annotations
+
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -22,11 +34,43 @@ from torch import nn
 # Up to this many rows the weight-streaming form is used (it was still 1.2x faster at 64 rows; large training
 # batches go through F.linear, whose kernels are already near the machine's matrix-multiply peak).
 STREAMING_MAX_ROWS = 64
+# Where oneDNN is faster, streaming only up to this many rows: a medium model's decoding-step weights (8 layers,
+# cold caches) took 3.8 ms streamed and 4.9 in oneDNN at 4 rows, 6.2 and 5.1 at 6, 7.3 and 5.7 at 8, 17 and 9 at 32.
+ONEDNN_STREAMING_MAX_ROWS = 5
 # Column blocks: up to 4 rows, blocks of 1024 input columns; 5 to 8 rows, 512; above 8 rows the products are no
 # faster in blocks. Only weights of more than 1024 input columns are copied: in models up to 1024 wide (and heads x
 # dim_head up to 1024) the feed-forward's output projections alone, a third of the layers' weights.
 BLOCKED_MAX_ROWS = 8
 BLOCKED_MIN_COLUMNS = 1025
+
+
+def onednn_is_faster() -> bool:
+    """Whether this CPU runs float32 products faster in oneDNN than in PyTorch's BLAS: where PyTorch's kernels use
+    AVX-512 (MKL may not, see the module's docstring) and oneDNN is built in."""
+    return (
+        torch.backends.mkldnn.is_available()
+        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+        and torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+    )
+
+
+# A fact of the machine, read once (and a constant to torch.compile, which cannot trace the capability queries).
+ONEDNN_IS_FASTER = onednn_is_faster()
+
+
+def streaming_max_rows() -> int:
+    """The most rows :func:`linear` computes by streaming the weight, on this machine."""
+    return ONEDNN_STREAMING_MAX_ROWS if ONEDNN_IS_FASTER else STREAMING_MAX_ROWS
+
+
+def few_row_copy(weight: torch.Tensor, rows: int, *, packed: bool = True) -> torch.Tensor | None:
+    """A copy of ``weight`` in the layout that :func:`linear`'s products of ``rows`` rows are fastest with (its
+    ``prepared`` argument): where :data:`ONEDNN_IS_FASTER`, oneDNN's blocked layout (an opaque oneDNN tensor; not with
+    ``packed=False``, for ``torch.compile``, which cannot take one); else :func:`column_blocks`. None where
+    :func:`linear` is as fast on the weight as stored."""
+    if ONEDNN_IS_FASTER and packed and weight.device.type == "cpu" and weight.dtype == torch.float32 and rows > 0:
+        return cast(torch.Tensor, torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), rows))
+    return column_blocks(weight, rows)
 
 
 def column_blocks(weight: torch.Tensor, rows: int) -> torch.Tensor | None:
@@ -37,7 +81,7 @@ def column_blocks(weight: torch.Tensor, rows: int) -> torch.Tensor | None:
     if (
         weight.device.type != "cpu"
         or weight.dtype != torch.float32
-        or not 2 <= rows <= BLOCKED_MAX_ROWS
+        or not 2 <= rows <= min(BLOCKED_MAX_ROWS, streaming_max_rows())
         or in_features < BLOCKED_MIN_COLUMNS
         or in_features % size
     ):
@@ -46,13 +90,19 @@ def column_blocks(weight: torch.Tensor, rows: int) -> torch.Tensor | None:
 
 
 def linear(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, blocks: torch.Tensor | None = None
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, prepared: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """``F.linear(x, weight, bias)``; on the CPU, without autograd, with 2 to 64 rows: ``(W @ x^T)^T + b``, summed
-    over ``blocks`` (``weight``'s :func:`column_blocks`, the same values) when given."""
+    """``F.linear(x, weight, bias)``. ``prepared``: ``weight``'s :func:`few_row_copy` (the same values), for a
+    product without autograd. On the CPU, without autograd, with 2 to :func:`streaming_max_rows` rows:
+    ``(W @ x^T)^T + b``, summed over the column blocks when prepared; other float32 CPU products in oneDNN where
+    :data:`ONEDNN_IS_FASTER`."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if prepared is not None and prepared.is_mkldnn:
+        out = torch.ops.mkldnn._linear_pointwise(x.reshape(rows, x.shape[-1]), prepared, bias, "none", [], "")
+        return cast(torch.Tensor, out).view(*x.shape[:-1], weight.shape[0])
+    blocks = prepared
     if (
-        2 <= rows <= STREAMING_MAX_ROWS
+        2 <= rows <= streaming_max_rows()
         and x.device.type == "cpu"
         and x.dtype == torch.float32
         and weight.dtype == torch.float32
@@ -66,6 +116,8 @@ def linear(
         # Copied back to contiguous rows (a few rows: cheap): elementwise ops, residual adds and SDPA's fused CPU
         # kernel are slower on the transposed view, more than the next projection gains from it.
         return out.T.contiguous().reshape(*x.shape[:-1], weight.shape[0])
+    if ONEDNN_IS_FASTER and rows and _onednn_applies(x, weight, bias):
+        return onednn_linear(x, weight, bias)
     return F.linear(x, weight, bias)
 
 
@@ -75,6 +127,76 @@ def _blocked_product(blocks: torch.Tensor, flat: torch.Tensor, bias: torch.Tenso
     for i in range(1, blocks.shape[0]):
         out.addmm_(blocks[i], flat[i * size : (i + 1) * size])
     return out
+
+
+_PLAIN_TENSORS = (torch.Tensor, nn.Parameter)
+
+
+def _onednn_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    # Autocast must see F.linear (to run it in its dtype), and tensor subclasses (DTensor, ...) dispatch it their way.
+    return (
+        x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and weight.dtype == torch.float32
+        and x.shape[-1] > 0
+        and type(x) in _PLAIN_TENSORS
+        and type(weight) in _PLAIN_TENSORS
+        and (bias is None or (type(bias) in _PLAIN_TENSORS and bias.dtype == torch.float32))
+        and not torch.is_autocast_enabled("cpu")
+    )
+
+
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` for float32 CPU tensors (at least one row and one input feature), computed by
+    oneDNN, forward and backward, on any CPU."""
+    flat = x.reshape(-1, x.shape[-1])
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
+    out = _OneDNNLinear.apply(flat, weight, bias) if needs_grad else _product(flat, weight, bias)
+    return cast(torch.Tensor, out).view(*x.shape[:-1], weight.shape[0])
+
+
+def _product(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``a @ b^T + bias`` (2-D ``a`` and ``b``, either may be a strided view) in oneDNN."""
+    if torch.compiler.is_compiling():
+        return onednn_product(a, b, bias)
+    return torch.ops.mkldnn._linear_pointwise(a, b, bias, "none", [], "")
+
+
+# The same product as an operator that torch.compile keeps whole: inductor lowers oneDNN's own op only for a constant
+# weight (its inference-time weight packing). Eager code calls oneDNN directly, without the custom op's dispatch.
+@torch.library.custom_op("dalle_transformer::onednn_product", mutates_args=())
+def onednn_product(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(a, b, bias, "none", [], "")
+
+
+@onednn_product.register_fake
+def _(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return a.new_empty(a.shape[0], b.shape[0])
+
+
+class _OneDNNLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, flat: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        # As F.linear's backward: the input only for the weight's gradient, the weight only for the input's.
+        ctx.save_for_backward(flat if ctx.needs_input_grad[1] else None, weight if ctx.needs_input_grad[0] else None)
+        return _product(flat, weight, bias)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        flat, weight = ctx.saved_tensors
+        grad_input = _product(grad, weight.T) if ctx.needs_input_grad[0] else None
+        grad_weight = None
+        if ctx.needs_input_grad[1]:
+            # [out, in] = grad^T @ flat. For out > in computed as (flat^T @ grad)^T and copied to rows: oneDNN is
+            # slow writing a result of many more rows than columns (an [4096, 512] weight gradient from 2,560 rows:
+            # 200 GFLOP/s, against 340 this way with the copy).
+            if grad.shape[1] <= flat.shape[1]:
+                grad_weight = _product(grad.T, flat.T)
+            else:
+                grad_weight = _product(flat.T, grad.T).T.contiguous()
+        grad_bias = grad.sum(0) if ctx.needs_input_grad[2] else None
+        return grad_input, grad_weight, grad_bias
 
 
 class Linear(nn.Linear):

@@ -70,10 +70,12 @@ class DALLE(nn.Module):
     # torch.compile the decoding step (once per batch size and process: tens of seconds on a CPU, cached on disk by
     # inductor); on a 2-core CPU a medium model then generates 1.1-1.2x faster (docs/benchmarks.md).
     compile_decoding: bool = False
-    # On the CPU, decoding reads projections of more than 1024 input columns from column-blocked copies made per
-    # sequence (dalle_transformer.linear.column_blocks: 1.5-2.5x faster products, a medium model generating 1.19x
-    # faster, for a third more weight memory while a KV cache lives); False reads every weight as stored.
-    column_block_decoding: bool = True
+    # On the CPU, decoding reads the projections from copies made per sequence in the layout its few-row products are
+    # fastest with (dalle_transformer.linear.few_row_copy): on AVX-512 CPUs every weight in oneDNN's blocked layout
+    # (a medium model generating 1.12x faster, 1.40x with guidance, for a second copy of the layers' weights while a
+    # KV cache lives), elsewhere weights of more than 1024 input columns in column blocks (1.19x, a third more
+    # memory). False reads every weight as stored.
+    decoding_weight_copies: bool = True
 
     # Buffers (registered in __init__), declared for type checkers.
     text_pad_ids: torch.Tensor
@@ -308,11 +310,15 @@ class DALLE(nn.Module):
 
     def _renew_decoding_copies(self, cache: KVCache | None, start: int, rows: int) -> None:
         """At the first pass over an empty ``cache`` without autograd (a sequence starting to decode), replace its
-        ``projections`` by column-blocked copies of the current weights (none with ``column_block_decoding`` off)."""
+        ``projections`` by few-row copies of the current weights (none with ``decoding_weight_copies`` off; not in
+        oneDNN's opaque layout for a compiled step)."""
         if cache is None or start != 0 or torch.is_grad_enabled():
             return
         layers = self._layer_modules()
-        cache.projections = few_row_layouts(layers, rows) if self.column_block_decoding else [{} for _ in layers]
+        copies = self.decoding_weight_copies
+        cache.projections = (
+            few_row_layouts(layers, rows, packed=not self.compile_decoding) if copies else [{} for _ in layers]
+        )
 
     def _final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.config.stable:
