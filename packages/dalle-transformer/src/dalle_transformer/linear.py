@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Up to this many rows the weight-streaming form is used (it was still 1.2x faster at 64 rows; large training
-# batches go through F.linear, whose kernels are already near the machine's matrix-multiply peak).
+# Up to this many rows the weight-streaming form is used (it was still 1.2x faster than MKL's F.linear at 64 rows;
+# larger products, training's among them, go through F.linear or oneDNN).
 STREAMING_MAX_ROWS = 64
 # Where oneDNN is faster, streaming only up to this many rows: a medium model's decoding-step weights (8 layers,
 # cold caches) took 3.8 ms streamed and 4.9 in oneDNN at 4 rows, 6.2 and 5.1 at 6, 7.3 and 5.7 at 8, 17 and 9 at 32.
