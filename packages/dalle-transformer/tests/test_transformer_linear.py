@@ -141,6 +141,14 @@ def test_onednn_linear_follows_a_weight_changed_in_place():
             weight.add_(torch.randn(48, 32, generator=generator))
 
 
+def test_mismatched_shapes_get_f_linear_errors():
+    x, weight = torch.randn(100, 10), torch.randn(8, 12)
+    with pytest.raises(RuntimeError, match=r"cannot be multiplied \(100x10 and 12x8\)"):
+        linear(x, weight)
+    with pytest.raises(RuntimeError, match="size"):
+        linear(torch.randn(100, 12), weight, torch.randn(5))
+
+
 def test_linear_leaves_autocast_to_f_linear():
     x, weight = torch.randn(100, 16), torch.randn(8, 16)
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -133,15 +133,20 @@ _PLAIN_TENSORS = (torch.Tensor, nn.Parameter)
 
 
 def _onednn_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    # Autocast must see F.linear (to run it in its dtype), and tensor subclasses (DTensor, ...) dispatch it their way.
+    # Autocast must see F.linear (to run it in its dtype), tensor subclasses (DTensor, ...) dispatch it their way, and
+    # mismatched shapes get its error message (oneDNN's names no shapes).
     return (
         x.device.type == "cpu"
         and x.dtype == torch.float32
         and weight.dtype == torch.float32
-        and x.shape[-1] > 0
+        and weight.dim() == 2
+        and x.shape[-1] == weight.shape[1] > 0
         and type(x) in _PLAIN_TENSORS
         and type(weight) in _PLAIN_TENSORS
-        and (bias is None or (type(bias) in _PLAIN_TENSORS and bias.dtype == torch.float32))
+        and (
+            bias is None
+            or (type(bias) in _PLAIN_TENSORS and bias.dtype == torch.float32 and bias.shape == weight.shape[:1])
+        )
         and not torch.is_autocast_enabled("cpu")
     )
 
