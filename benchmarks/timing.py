@@ -40,9 +40,7 @@ def peak_rss_mib() -> float:
 def sgemm_flops(size: int = 1024, repeats: int = 10) -> float:
     """Measured fp32 matrix-multiply throughput of this machine through PyTorch's BLAS (``a @ b``: MKL on x86), FLOP/s
     (median of ``repeats``)."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    seconds = median_seconds(lambda: a @ b, repeats, warmup=3)
-    return 2 * size**3 / seconds
+    return _product_flops(torch.mm, size, repeats)
 
 
 def onednn_gemm_flops(size: int = 1024, repeats: int = 10) -> float | None:
@@ -50,9 +48,13 @@ def onednn_gemm_flops(size: int = 1024, repeats: int = 10) -> float | None:
     None where PyTorch is built without it."""
     if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
         return None
+    return _product_flops(lambda a, b: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], ""), size, repeats)
+
+
+def _product_flops(product: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], size: int, repeats: int) -> float:
+    """FLOP/s of ``product`` on two random ``size x size`` float32 matrices (median of ``repeats``)."""
     a, b = torch.randn(size, size), torch.randn(size, size)
-    seconds = median_seconds(lambda: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], ""), repeats, warmup=3)
-    return 2 * size**3 / seconds
+    return 2 * size**3 / median_seconds(lambda: product(a, b), repeats, warmup=3)
 
 
 def machine() -> dict:

@@ -98,9 +98,7 @@ def linear(
     :data:`ONEDNN_IS_FASTER`."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     if prepared is not None and prepared.is_mkldnn:
-        out = torch.ops.mkldnn._linear_pointwise(x.reshape(rows, x.shape[-1]), prepared, bias, "none", [], "")
-        return cast(torch.Tensor, out).view(*x.shape[:-1], weight.shape[0])
-    blocks = prepared
+        return _product(x.reshape(rows, x.shape[-1]), prepared, bias).view(*x.shape[:-1], weight.shape[0])
     if (
         2 <= rows <= streaming_max_rows()
         and x.device.type == "cpu"
@@ -109,8 +107,8 @@ def linear(
         and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
     ):
         flat = x.reshape(rows, x.shape[-1]).T
-        if blocks is not None:
-            out = _blocked_product(blocks, flat, bias)
+        if prepared is not None:
+            out = _blocked_product(prepared, flat, bias)
         else:
             out = weight @ flat if bias is None else torch.addmm(bias[:, None], weight, flat)
         # Copied back to contiguous rows (a few rows: cheap): elementwise ops, residual adds and SDPA's fused CPU
@@ -161,7 +159,8 @@ def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
 
 def _product(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``a @ b^T + bias`` (2-D ``a`` and ``b``, either may be a strided view) in oneDNN."""
+    """``a @ b^T + bias`` (2-D ``a``; ``b`` 2-D, either may be a strided view, or a :func:`few_row_copy` in oneDNN's
+    layout outside torch.compile) in oneDNN."""
     if torch.compiler.is_compiling():
         return onednn_product(a, b, bias)
     return torch.ops.mkldnn._linear_pointwise(a, b, bias, "none", [], "")
