@@ -194,7 +194,10 @@ def test_prefill_and_decode_steps_match_full_forward(ff_mult: int) -> None:
         cache = model.new_cache(3)
         steps = [model.prefill(TEXT, cache, image_prefix=image[:, :2])]
         # Copied: the wide weights in column blocks, or every weight in oneDNN's layout where that is faster.
-        assert all(("ff.out" in layout) == (ff_mult == 64 or ONEDNN_IS_FASTER) for layout in cache.projections)
+        assert cache.layer_weights is not None
+        assert all(
+            (layer.ff_out.prepared is not None) == (ff_mult == 64 or ONEDNN_IS_FASTER) for layer in cache.layer_weights
+        )
         for k in range(2, CONFIG.image_seq_len - 1):
             steps.append(model.decode_step(image[:, k], cache))
     torch.testing.assert_close(torch.stack(steps, dim=1), full[:, 2:], atol=1e-5, rtol=1e-5)

@@ -8,7 +8,8 @@ import math
 import pytest
 import torch
 
-from dalle_transformer.layers import FeedForward, few_row_layouts, geglu
+from dalle_transformer.decoding_weights import ProjectionCopies
+from dalle_transformer.layers import FeedForward, geglu
 from dalle_transformer.linear import ONEDNN_IS_FASTER
 
 
@@ -81,20 +82,13 @@ def test_one_position_matches_forward(activation, rows, dim, packed):
     with torch.no_grad():
         expected = ff.net.double()(x.double())
         ff.float()
-        layouts = few_row_layouts([(_Attention(dim), ff)], rows, packed=packed)[0]
-        if packed and ONEDNN_IS_FASTER:  # every weight in oneDNN's layout
-            assert set(layouts) == {"attn.qkv", "attn.out", "ff.in", "ff.out"}
+        first, last = (ProjectionCopies(rows, packed=packed, copies=True)(layer) for layer in ff.projections)
+        if packed and ONEDNN_IS_FASTER:  # both weights in oneDNN's layout
+            assert first.prepared is not None and last.prepared is not None and last.prepared.is_mkldnn
         else:  # the blocked product is exercised too
-            assert ("ff.out" in layouts) == (4 * dim > 1024 and rows > 1)
-        got = ff.one_position(x, layouts)
+            assert first.prepared is None and (last.prepared is not None) == (4 * dim > 1024 and rows > 1)
+        got = ff.one_position(x, first, last)
+        got_rows = ff.one_position(x[:, 0], first, last)
     assert got.shape == x.shape and got.is_contiguous()
     torch.testing.assert_close(got.double(), expected, atol=1e-4, rtol=1e-4)
-
-
-class _Attention(torch.nn.Module):
-    """The attention projections ``few_row_layouts`` looks at (copied only in oneDNN's layout)."""
-
-    def __init__(self, dim: int) -> None:
-        super().__init__()
-        self.to_qkv = torch.nn.Linear(dim, 3 * dim, bias=False)
-        self.to_out = torch.nn.Linear(dim, dim)
+    assert torch.equal(got_rows, got[:, 0])

@@ -10,6 +10,7 @@ import torch
 
 from dalle_core.errors import ShapeError
 from dalle_transformer import DALLE, DALLEConfig
+from dalle_transformer.decoding_weights import DecodingWeights
 from dalle_transformer.generation import Sampler, sample_image_ids
 from dalle_transformer.linear import ONEDNN_IS_FASTER
 from dalle_transformer.sampling import (
@@ -68,6 +69,16 @@ LAYER_OPTIONS = {
         "ff_activation": "geglu",
         "reversible": True,
         "attn_types": ("axial_row", "conv_like"),
+    },
+    # The same without reversible layers: decoding steps through the sequential stack's one-position layers.
+    "every_sequential_option": {
+        "rotary_emb": True,
+        "shift_tokens": True,
+        "sandwich_norm": True,
+        "layer_scale": True,
+        "ff_activation": "geglu",
+        "attn_types": ("axial_row", "conv_like"),
+        "shared_attn_ids": (0, 0),
     },
 }
 
@@ -128,6 +139,15 @@ def test_decode_step_at_device_positions_matches_decode_step(options: dict) -> N
                 torch.testing.assert_close(got[:, :written], expected[:, :written])
 
 
+PROJECTIONS = {"qkv", "out", "ff_in", "ff_out"}
+
+
+def _copies(layer: DecodingWeights) -> dict[str, torch.Tensor]:
+    """A layer's few-row weight copies, by projection."""
+    projections = {name: getattr(layer, name) for name in PROJECTIONS}
+    return {name: p.prepared for name, p in projections.items() if p.prepared is not None}
+
+
 def _copied_values(copy: torch.Tensor) -> torch.Tensor:
     """The ``[out, in]`` weight a few-row copy holds: oneDNN's blocked layout, or column blocks."""
     return copy.to_dense() if copy.is_mkldnn else copy.transpose(0, 1).flatten(1)
@@ -141,16 +161,21 @@ def test_projections_decode_through_copies_made_for_each_sequence() -> None:
     image = torch.randint(
         0, CONFIG.num_image_tokens, (3, CONFIG.image_seq_len), generator=torch.Generator().manual_seed(0)
     )
-    packed_names = {"attn.qkv", "attn.out", "ff.in", "ff.out"}
     with torch.no_grad():
         cache = model.new_cache(3)
         model.prefill(TEXT, cache)
-        layouts = cache.projections
-        assert [set(layout) for layout in layouts] == [packed_names if ONEDNN_IS_FASTER else {"ff.out"}] * 3
-        assert all(copy.is_mkldnn == ONEDNN_IS_FASTER for layout in layouts for copy in layout.values())
-        assert layouts[0]["ff.out"] is layouts[1]["ff.out"] is not layouts[2]["ff.out"]
+        assert cache.layer_weights is not None
+        copies = [_copies(layer) for layer in cache.layer_weights]
+        assert [set(layer) for layer in copies] == [PROJECTIONS if ONEDNN_IS_FASTER else {"ff_out"}] * 3
+        assert all(copy.is_mkldnn == ONEDNN_IS_FASTER for layer in copies for copy in layer.values())
+        assert copies[0]["ff_out"] is copies[1]["ff_out"] is not copies[2]["ff_out"]
         _, ff_out = model.blocks[2].ff.projections
-        torch.testing.assert_close(_copied_values(layouts[2]["ff.out"]), ff_out.weight)
+        torch.testing.assert_close(_copied_values(copies[2]["ff_out"]), ff_out.weight)
+        # The image logits' projection too, where oneDNN's layout is faster (it is too narrow for column blocks).
+        assert cache.image_head is not None and (cache.image_head.prepared is not None) == ONEDNN_IS_FASTER
+        if cache.image_head.prepared is not None:
+            image_rows = model.to_logits.weight[CONFIG.num_text_logits :]
+            torch.testing.assert_close(_copied_values(cache.image_head.prepared), image_rows)
 
         ff_out.weight.mul_(-1.5)  # as an optimizer step would: in place
         cache.reset()
@@ -159,9 +184,11 @@ def test_projections_decode_through_copies_made_for_each_sequence() -> None:
         model.compile_decoding = True  # copies a compiled step can take: column blocks
         compiled_cache = model.new_cache(3)
         model.prefill(TEXT, compiled_cache)
-        assert [set(layout) for layout in compiled_cache.projections] == [{"ff.out"}] * 3
-        assert not compiled_cache.projections[0]["ff.out"].is_mkldnn
-        torch.testing.assert_close(_copied_values(compiled_cache.projections[2]["ff.out"]), ff_out.weight)
+        assert compiled_cache.layer_weights is not None
+        compiled_copies = [_copies(layer) for layer in compiled_cache.layer_weights]
+        assert [set(layer) for layer in compiled_copies] == [{"ff_out"}] * 3
+        assert not compiled_copies[0]["ff_out"].is_mkldnn
+        torch.testing.assert_close(_copied_values(compiled_copies[2]["ff_out"]), ff_out.weight)
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # a failed compile falls back to eager steps with a warning: not here
             compiled = StaticDecoder(model, compiled_cache, compile_step=True)(image[:, 0], 0)
@@ -174,8 +201,27 @@ def test_projections_decode_through_copies_made_for_each_sequence() -> None:
     with torch.no_grad():
         cache.reset()
         model.prefill(TEXT, cache)
-        assert cache.projections == [{}, {}, {}]
+        assert cache.layer_weights is not None and [_copies(layer) for layer in cache.layer_weights] == [{}] * 3
+        assert cache.image_head is not None and cache.image_head.prepared is None
         torch.testing.assert_close(model.decode_step(image[:, 0], cache), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_decoding_after_a_prefill_with_autograd_reads_the_weights_as_stored() -> None:
+    """A prefill with autograd on gathers no decoding tensors (nor copies); steps after it, eager or static, gather
+    them without copies and give the teacher-forced logits."""
+    model = random_model(layer_scale=True)
+    image = torch.randint(0, CONFIG.num_image_tokens, (3, 2), generator=torch.Generator().manual_seed(0))
+    caches = [model.new_cache(3), model.new_cache(3)]
+    for cache in caches:
+        model.prefill(TEXT, cache)
+        assert cache.layer_weights is None and cache.image_head is None
+    with torch.no_grad():
+        expected = model.next_image_logits(TEXT, image[:, :1])
+        eager = model.decode_step(image[:, 0], caches[0])
+        static = StaticDecoder(model, caches[1])(image[:, 0], 0)
+    for cache, logits in zip(caches, (eager, static), strict=True):
+        assert cache.layer_weights is not None and all(not _copies(layer) for layer in cache.layer_weights)
+        torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_static_steps_need_the_positions_before_them() -> None:

@@ -34,6 +34,15 @@ def test_draw_is_seeded_and_one_kept_id_always_wins():
     assert torch.equal(draw(single, torch.Generator().manual_seed(0)), torch.arange(4096) % 50)
 
 
+def test_draw_scores_probabilities_too_small_to_divide():
+    """Probabilities whose race scores underflow to 0 (here subnormal floats) are drawn from all the same."""
+    probs = torch.tensor([[1e-44, 0.0, 3e-44], [0.5, 0.5, 0.0]]).repeat(2000, 1)
+    ids = draw(probs, torch.Generator().manual_seed(0)).view(2000, 2)
+    counts = torch.bincount(ids[:, 0], minlength=3)
+    assert counts[1] == 0 and 350 < counts[0] < 650, counts.tolist()  # 1 in 4: the subnormals are 7 and 21 times 2^-149
+    assert set(ids[:, 1].tolist()) == {0, 1}
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), 0.0])
 def test_draw_rejects_rows_without_a_distribution(bad):
     probs = torch.tensor([[0.5, 0.5], [bad, 0.0 if bad == 0.0 else 1.0]])

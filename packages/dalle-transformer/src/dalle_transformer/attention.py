@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from dalle_transformer.cache import KVCache
+from dalle_transformer.decoding_weights import project
 from dalle_transformer.kernels import (
     attend_decode,
     attend_decode_at,
@@ -24,7 +25,7 @@ from dalle_transformer.kernels import (
     attend_rows,
     flex_available,
 )
-from dalle_transformer.linear import Linear, linear
+from dalle_transformer.linear import Linear
 from dalle_transformer.masks import AttentionPattern
 from dalle_transformer.rotary import rotate
 from dalle_transformer.shift import TokenShift
@@ -63,7 +64,7 @@ class Attention(nn.Module):
         self, x: torch.Tensor, pattern: AttentionPattern, context: PassContext, layer_index: int
     ) -> torch.Tensor:
         if context.single:
-            return self._one_position(x, pattern, context, layer_index)
+            return self.one_position(x, pattern, context, layer_index)
         batch, n, _ = x.shape
         qkv = self.to_qkv(x).view(batch, n, 3, self.heads, self.dim_head).permute(2, 0, 3, 1, 4)
         if context.rotary is not None:
@@ -81,28 +82,27 @@ class Attention(nn.Module):
             out = attend_rows(q, keys, values, pattern, context.start, dropout_p)
         return self.to_out(out.transpose(1, 2).reshape(batch, n, self.heads * self.dim_head))
 
-    def _one_position(
+    def one_position(
         self, x: torch.Tensor, pattern: AttentionPattern, context: PassContext, layer_index: int
     ) -> torch.Tensor:
-        """``forward`` for one position (``x``: ``[B, 1, dim]``) written after the cache's ``context.start`` ones:
-        the same products, with the heads as views of one projection and no per-call checks."""
+        """``forward`` for one position (``x``: ``[B, dim]`` or ``[B, 1, dim]``) written after the cache's
+        ``context.start`` ones: the same products (with the tensors of the cache's ``layer_weights``), the heads as
+        views of one projection, no per-call checks."""
         batch = x.shape[0]
         cache, position = context.cache, context.position
-        assert cache is not None  # PassContext.single implies a cache
-        layouts = cache.projections[layer_index]
-        qkv = linear(x.reshape(batch, -1), self.to_qkv.weight, prepared=layouts.get("attn.qkv"))
-        qkv = qkv.view(batch, 3, self.heads, 1, self.dim_head).transpose(0, 1)  # [3, B, heads, 1, dim_head]
+        assert cache is not None and cache.layer_weights is not None  # made for single passes
+        weights = cache.layer_weights[layer_index]
+        qkv = project(weights.qkv, x.reshape(batch, -1)).view(batch, 3, self.heads, 1, self.dim_head)
         if context.rotary is not None:
             qkv = rotate(qkv, *context.rotary)
-        q, k, v = qkv.unbind(0)
+        q, k, v = qkv.unbind(1)  # each [B, heads, 1, dim_head]
         if position is None:
             keys, values = cache.write(layer_index, k, v)
             out = attend_decode(q, keys, values, pattern, context.start)
         else:
             keys, values = cache.write_at(layer_index, position, k, v)
             out = attend_decode_at(q, keys, values, pattern, position)
-        out = linear(out.reshape(batch, -1), self.to_out.weight, self.to_out.bias, layouts.get("attn.out"))
-        return out.view(batch, 1, -1)
+        return project(weights.out, out.reshape(batch, -1)).view(*x.shape[:-1], -1)
 
     @staticmethod
     def _whole_sequence(

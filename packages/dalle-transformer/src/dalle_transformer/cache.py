@@ -8,9 +8,14 @@ stores positions, the pattern decides.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from dalle_core.errors import ShapeError
+
+if TYPE_CHECKING:
+    from dalle_transformer.decoding_weights import DecodingWeights, Projection
 
 
 class KVCache:
@@ -26,9 +31,10 @@ class KVCache:
     Each layer's buffers are separate tensors, not slices of one: ``torch.compile`` writes into a whole input tensor
     in place, where a write into a slice of one makes it copy the tensor on every step.
 
-    ``projections[layer]`` holds, by name, copies of that layer's weights in the layout few-row products are fastest
-    with (:func:`dalle_transformer.linear.few_row_copy`), made by the model when a pass starts on the empty cache:
-    for the sequence being decoded, not beyond it.
+    ``layer_weights[layer]`` holds the tensors that layer's decoding steps read
+    (:class:`dalle_transformer.decoding_weights.DecodingWeights`, with copies of its projections in the layout few-row
+    products are fastest with), gathered by the model when a pass starts on the empty cache: for the sequence being
+    decoded, not beyond it.
     """
 
     def __init__(
@@ -53,7 +59,8 @@ class KVCache:
             if shift_width > 0
             else None
         )
-        self.projections: list[dict[str, torch.Tensor]] = [{} for _ in range(num_layers)]
+        self.layer_weights: list[DecodingWeights] | None = None
+        self.image_head: Projection | None = None  # the image logits' projection, gathered with layer_weights
         self.batch_size, self.max_len, self.device = batch_size, max_len, self.keys[0].device
         self.length = 0
 
@@ -111,5 +118,6 @@ class KVCache:
         self.length += n
 
     def reset(self) -> None:
-        """Forget every position; the buffers are reused as they are."""
+        """Forget every position and the layers' decoding tensors; the buffers are reused as they are."""
         self.length = 0
+        self.layer_weights, self.image_head = None, None

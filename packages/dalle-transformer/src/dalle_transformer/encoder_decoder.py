@@ -39,7 +39,6 @@ from dalle_transformer.cache import KVCache
 from dalle_transformer.config import DALLEConfig
 from dalle_transformer.cross_attention import MemoryAttention, ResidualBranch
 from dalle_transformer.layers import Block, FeedForward
-from dalle_transformer.linear import linear
 from dalle_transformer.masks import AttentionPattern, layer_patterns
 from dalle_transformer.model import DALLE, DALLEOutput, _upcast
 
@@ -159,8 +158,8 @@ class EncoderDecoderDALLE(DALLE):
 
     # ---------------------------------------------------------------- building blocks
 
-    def _image_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return linear(self._final_norm(hidden), self.to_logits.weight, self.to_logits.bias)
+    def _image_head(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.to_logits.weight, self.to_logits.bias
 
     def _text_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         raise ConfigError("architecture 'encoder_decoder' has no text head (it does not model text)")
@@ -205,7 +204,7 @@ class EncoderDecoderDALLE(DALLE):
         if config.stable:
             x = x * 0.1 + x.detach() * 0.9
         single = is_decoding_step(cache, n, self.training)
-        self._renew_decoding_copies(cache, start, x.shape[0])
+        self._prepare_decoding(cache, x.shape[0], starting=start == 0, single=single)
         context = PassContext(start, cache, self.attention_backend, None, None, config.stable, single)
         recompute = config.gradient_checkpointing and self.training and torch.is_grad_enabled() and cache is None
         for i, layer in enumerate(self.decoder_layers()):
@@ -263,7 +262,7 @@ class EncoderDecoderDALLE(DALLE):
                     f"got {prefix.shape[1]}"
                 )
         cache.memory = self.encoder_memory(text)
-        return self._image_logits(self._decode(self._decoder_input(prefix, 0), cache.memory, cache)[:, -1])
+        return self._image_logits(self._decode(self._decoder_input(prefix, 0), cache.memory, cache)[:, -1], cache)
 
     def decode_step(self, image_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Feed image token ``k`` (``int64[B]``) after a prefill and ``k - 1`` steps; logits of token ``k + 1``."""
@@ -275,7 +274,7 @@ class EncoderDecoderDALLE(DALLE):
                 f"got {cache.length}"
             )
         hidden = self._decode(self._decoder_input(image_ids[:, None], position + 1), memory, cache)
-        return self._image_logits(hidden[:, -1])
+        return self._image_logits(hidden[:, -1], cache)
 
     def next_image_logits(self, text_ids: torch.Tensor, image_prefix: torch.Tensor) -> torch.Tensor:
         """Without a cache: logits ``[B, num_image_tokens]`` of the image token after ``image_prefix`` ``[B, k]``."""
@@ -295,7 +294,7 @@ class EncoderDecoderDALLE(DALLE):
             else:
                 done = cache.length - 1  # image tokens already in the cache
                 x = self._decoder_input(image_ids[:, done:], done + 1)
-            return self._image_logits(self._decode(x, memory, cache)[:, -1])
+            return self._image_logits(self._decode(x, memory, cache)[:, -1], cache)
 
         return step
 

@@ -18,7 +18,15 @@ from torch.utils.checkpoint import checkpoint
 
 from dalle_transformer.attention import Attention, PassContext
 from dalle_transformer.config import DALLEConfig
-from dalle_transformer.linear import Linear, few_row_copy, linear
+from dalle_transformer.decoding_weights import (
+    DecodingWeights,
+    Projection,
+    ProjectionCopies,
+    norm_of,
+    normalize,
+    project,
+)
+from dalle_transformer.linear import Linear
 from dalle_transformer.masks import AttentionPattern
 
 
@@ -70,10 +78,10 @@ class GEGLU(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, dim: int, mult: int, dropout: float, activation: str = "gelu") -> None:
         super().__init__()
-        gated = activation == "geglu"
+        self.gated = activation == "geglu"
         self.net = nn.Sequential(
-            Linear(dim, dim * mult * (2 if gated else 1)),
-            GEGLU() if gated else nn.GELU(),
+            Linear(dim, dim * mult * (2 if self.gated else 1)),
+            GEGLU() if self.gated else nn.GELU(),
             nn.Dropout(dropout),
             Linear(dim * mult, dim),
         )
@@ -83,44 +91,45 @@ class FeedForward(nn.Module):
 
     @property
     def projections(self) -> tuple[nn.Linear, nn.Linear]:
-        first, _, _, last = tuple(self.net)
-        return cast(nn.Linear, first), cast(nn.Linear, last)
+        modules = self.net._modules  # read directly: a decoding step asks for them at every layer
+        return cast(nn.Linear, modules["0"]), cast(nn.Linear, modules["3"])
 
-    def one_position(self, x: torch.Tensor, layouts: dict[str, torch.Tensor]) -> torch.Tensor:
-        """``forward`` in eval mode for one position per row (``x``: ``[B, 1, dim]``): no Sequential, Linear or Dropout
-        calls, and the few-row projections of :func:`linear` (with the weight copies in ``layouts``, a KV cache's
-        ``projections`` of this layer)."""
-        first, activation, _, last = cast(tuple[nn.Linear, nn.Module, nn.Module, nn.Linear], tuple(self.net))
-        hidden = activation(linear(x.reshape(x.shape[0], -1), first.weight, first.bias, layouts.get("ff.in")))
-        return linear(hidden, last.weight, last.bias, layouts.get("ff.out")).reshape(x.shape)
+    def one_position(self, x: torch.Tensor, first: Projection, last: Projection) -> torch.Tensor:
+        """``forward`` in eval mode for one position per row (``x``: ``[B, dim]`` or ``[B, 1, dim]``) with its two
+        projections' tensors (from a KV cache's ``layer_weights``): no Sequential, Linear or Dropout calls, and the
+        few-row products of :func:`dalle_transformer.linear.linear`."""
+        hidden = project(first, x.reshape(x.shape[0], -1))
+        hidden = geglu(hidden) if self.gated else F.gelu(hidden)
+        return project(last, hidden).view(x.shape)
 
 
-def few_row_layouts(
-    layers: Sequence[tuple[Attention | None, FeedForward | None]], rows: int, *, packed: bool = True
-) -> list[dict[str, torch.Tensor]]:
-    """For each layer's (attention, feed-forward) modules, the :func:`dalle_transformer.linear.few_row_copy` of the
-    projections that decoding steps of ``rows`` rows run faster with (``packed``: as there), by name (a KV cache's
-    ``projections``); none off the CPU. A weight shared between layers is copied once."""
-    copies: dict[int, torch.Tensor | None] = {}
-    layouts = []
-    for attn, ff in layers:
+def decoding_weights(
+    blocks: Sequence[Block],
+    layers: Sequence[tuple[Attention | None, FeedForward | None]],
+    projection: ProjectionCopies,
+) -> list[DecodingWeights]:
+    """Each layer's :class:`DecodingWeights` (its block, and the attention and feed-forward modules it runs), its
+    projections made by ``projection`` (with the few-row copies decoding steps run faster with)."""
+    weights = []
+    for block, (attn, ff) in zip(blocks, layers, strict=True):
         assert attn is not None and ff is not None  # the modules a layer runs, its own or its owner's
         ff_in, ff_out = ff.projections
-        weights = {
-            "attn.qkv": attn.to_qkv.weight,
-            "attn.out": attn.to_out.weight,
-            "ff.in": ff_in.weight,
-            "ff.out": ff_out.weight,
-        }
-        layout = {}
-        for name, weight in weights.items():
-            if id(weight) not in copies:
-                copies[id(weight)] = few_row_copy(weight, rows, packed=packed)
-            copy = copies[id(weight)]
-            if copy is not None:
-                layout[name] = copy
-        layouts.append(layout)
-    return layouts
+        sandwich, scaled = block.sandwich_norm, block.layer_scale
+        weights.append(
+            DecodingWeights(
+                attn_norm=norm_of(block.attn_norm),
+                qkv=projection(attn.to_qkv),
+                out=projection(attn.to_out),
+                attn_out_norm=norm_of(block.attn_out_norm) if sandwich else None,
+                attn_scale=block.attn_scale if scaled else None,
+                ff_norm=norm_of(block.ff_norm),
+                ff_in=projection(ff_in),
+                ff_out=projection(ff_out),
+                ff_out_norm=norm_of(block.ff_out_norm) if sandwich else None,
+                ff_scale=block.ff_scale if scaled else None,
+            )
+        )
+    return weights
 
 
 def layer_scale_init(layer_number: int) -> float:
@@ -178,13 +187,39 @@ class Block(nn.Module):
     def feed_forward_branch(self, x: torch.Tensor, ff: FeedForward, context: PassContext) -> torch.Tensor:
         h = self._shift(self.ff_norm(x), context, 1)
         if context.single:
-            assert context.cache is not None  # PassContext.single implies a cache
-            h = ff.one_position(h, context.cache.projections[self.index])
+            assert context.cache is not None and context.cache.layer_weights is not None  # made for single passes
+            weights = context.cache.layer_weights[self.index]
+            h = ff.one_position(h, weights.ff_in, weights.ff_out)
         else:
             h = ff(h)
         if self.sandwich_norm:
             h = self.ff_out_norm(h)
         return h * self.ff_scale if self.layer_scale else h
+
+    def decoding_step(
+        self, x: torch.Tensor, attn: Attention, ff: FeedForward, pattern: AttentionPattern, context: PassContext
+    ) -> torch.Tensor:
+        """The whole layer (``x + f(x)``, then ``+ g(.)``) at the one position of a decoding step
+        (``context.single``; ``x``: ``[B, dim]``), reading its tensors from the cache's ``layer_weights``."""
+        assert context.cache is not None and context.cache.layer_weights is not None  # made for single passes
+        weights = context.cache.layer_weights[self.index]
+        h = attn.one_position(
+            self._shift_one(normalize(weights.attn_norm, x), context, 0), pattern, context, self.index
+        )
+        if weights.attn_out_norm is not None:
+            h = normalize(weights.attn_out_norm, h)
+        # One addcmul for the scaled residual: each operation of a step costs microseconds with cold caches.
+        x = torch.addcmul(x, h, weights.attn_scale) if weights.attn_scale is not None else x + h
+        h = ff.one_position(self._shift_one(normalize(weights.ff_norm, x), context, 1), weights.ff_in, weights.ff_out)
+        if weights.ff_out_norm is not None:
+            h = normalize(weights.ff_out_norm, h)
+        return torch.addcmul(x, h, weights.ff_scale) if weights.ff_scale is not None else x + h
+
+    def _shift_one(self, h: torch.Tensor, context: PassContext, branch: int) -> torch.Tensor:
+        """:meth:`_shift` of one position per row, ``[B, dim]``."""
+        if context.shift is None:
+            return h
+        return self._shift(h[:, None], context, branch)[:, 0]
 
 
 Branch = Callable[[torch.Tensor], torch.Tensor]

@@ -96,9 +96,12 @@ def linear(
     product without autograd. On the CPU, without autograd, with 2 to :func:`streaming_max_rows` rows:
     ``(W @ x^T)^T + b``, summed over the column blocks when prepared; other float32 CPU products in oneDNN where
     :data:`ONEDNN_IS_FASTER`."""
+    if prepared is not None and prepared.is_mkldnn and _PACKED_PRODUCT is not None:  # never under torch.compile
+        if x.dim() == 2:
+            return _PACKED_PRODUCT(x, prepared, bias, "none", [], "")
+        flat = x.reshape(-1, x.shape[-1])
+        return _PACKED_PRODUCT(flat, prepared, bias, "none", [], "").view(*x.shape[:-1], weight.shape[0])
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if prepared is not None and prepared.is_mkldnn:
-        return _product(x.reshape(rows, x.shape[-1]), prepared, bias).view(*x.shape[:-1], weight.shape[0])
     if (
         2 <= rows <= streaming_max_rows()
         and x.device.type == "cpu"
@@ -128,6 +131,9 @@ def _blocked_product(blocks: torch.Tensor, flat: torch.Tensor, bias: torch.Tenso
 
 
 _PLAIN_TENSORS = (torch.Tensor, nn.Parameter)
+# oneDNN's product as one resolved overload, for products with few_row_copy's packed weights (made only where
+# ONEDNN_IS_FASTER): a decoding step makes tens of them, and the overload packet's lookup is a noticeable part of each.
+_PACKED_PRODUCT = torch.ops.mkldnn._linear_pointwise.default if ONEDNN_IS_FASTER else None
 
 
 def _onednn_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:

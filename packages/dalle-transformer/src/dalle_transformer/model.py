@@ -29,8 +29,9 @@ from dalle_transformer import generation
 from dalle_transformer.attention import ATTENTION_BACKENDS, Attention, PassContext, is_decoding_step
 from dalle_transformer.cache import KVCache
 from dalle_transformer.config import DALLEConfig
+from dalle_transformer.decoding_weights import ProjectionCopies, project
 from dalle_transformer.inputs import check_image_ids, check_image_prefix, check_text_ids
-from dalle_transformer.layers import Block, FeedForward, few_row_layouts, run_sequential
+from dalle_transformer.layers import Block, FeedForward, decoding_weights, run_sequential
 from dalle_transformer.linear import linear
 from dalle_transformer.masks import layer_patterns
 from dalle_transformer.reversible import run_reversible
@@ -264,11 +265,12 @@ class DALLE(nn.Module):
                     f"the transformer reads at most {config.total_seq_len} positions, got up to {start + n}"
                 )
             single = is_decoding_step(cache, n, self.training)
-            self._renew_decoding_copies(cache, start, x.shape[0])
+            self._prepare_decoding(cache, x.shape[0], starting=start == 0, single=single)
         else:
             # A decoding step checked by its caller: reading cache.length here would make torch.compile specialise
             # the step on it (one compile per position).
             start, single = 0, True
+            self._prepare_decoding(cache, x.shape[0], starting=False, single=True)
         if config.stable:
             # DALLE-pytorch's stable: the embeddings' gradient is scaled by 0.1, their value kept.
             x = x * 0.1 + x.detach() * 0.9
@@ -281,10 +283,17 @@ class DALLE(nn.Module):
             start, cache, self.attention_backend, rotary, self.token_shift, config.stable, single, position
         )
         blocks = cast(list[Block], list(self.blocks))  # a list: ModuleList indexing is slow next to a decoding step
-        branches = [self._branches(blocks, i, context) for i in range(config.depth)]
-        if config.reversible:
+        if single and not config.reversible:
+            h = x.reshape(x.shape[0], -1)  # one position per row: [B, dim] through the layers
+            for block, (attn, ff), pattern in zip(blocks, self._layer_modules(), self.patterns, strict=True):
+                assert attn is not None and ff is not None  # owners hold their modules by construction
+                h = block.decoding_step(h, attn, ff, pattern, context)
+            x = h.view(x.shape)
+        elif config.reversible:
+            branches = [self._branches(blocks, i, context) for i in range(config.depth)]
             x = run_reversible(branches, x, list(self.blocks.parameters()))
         else:
+            branches = [self._branches(blocks, i, context) for i in range(config.depth)]
             recompute = config.gradient_checkpointing and self.training and torch.is_grad_enabled() and cache is None
             x = run_sequential(branches, x, recompute)
         if cache is not None and position is None:
@@ -309,17 +318,19 @@ class DALLE(nn.Module):
         owners = zip(self.attn_owner, self.ff_owner, strict=True)
         return [(blocks[attn].attn, blocks[ff].ff) for attn, ff in owners]
 
-    def _renew_decoding_copies(self, cache: KVCache | None, start: int, rows: int) -> None:
-        """At the first pass over an empty ``cache`` without autograd (a sequence starting to decode), replace its
-        ``projections`` by few-row copies of the current weights (none with ``decoding_weight_copies`` off; not in
-        oneDNN's opaque layout for a compiled step)."""
-        if cache is None or start != 0 or torch.is_grad_enabled():
+    def _prepare_decoding(self, cache: KVCache | None, rows: int, *, starting: bool, single: bool) -> None:
+        """At the first pass over an empty ``cache`` (``starting``) without autograd, a sequence starting to decode,
+        gather the layers' tensors for its decoding steps into ``cache.layer_weights``, with few-row copies of the
+        current projection weights (none with ``decoding_weight_copies`` off; not in oneDNN's opaque layout for a
+        compiled step). A decoding step (``single``) on a cache filled otherwise (with autograd on) gathers them
+        without copies."""
+        if cache is None or not (single or (starting and not torch.is_grad_enabled())):
             return
-        layers = self._layer_modules()
-        copies = self.decoding_weight_copies
-        cache.projections = (
-            few_row_layouts(layers, rows, packed=not self.compile_decoding) if copies else [{} for _ in layers]
-        )
+        if starting or cache.layer_weights is None:
+            copies = self.decoding_weight_copies and starting
+            projection = ProjectionCopies(rows, packed=not self.compile_decoding, copies=copies)
+            cache.layer_weights = decoding_weights(self.layer_blocks(), self._layer_modules(), projection)
+            cache.image_head = projection.of(*self._image_head())
 
     def _final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.config.stable:
@@ -331,9 +342,16 @@ class DALLE(nn.Module):
         n = self.config.num_text_logits
         return linear(self._final_norm(hidden), self.to_logits.weight[:n], self.to_logits.bias[:n])
 
-    def _image_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def _image_head(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The weight and bias of the image logits: the image rows of ``to_logits``."""
         n = self.config.num_text_logits
-        return linear(self._final_norm(hidden), self.to_logits.weight[n:], self.to_logits.bias[n:])
+        return self.to_logits.weight[n:], self.to_logits.bias[n:]
+
+    def _image_logits(self, hidden: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Image logits of ``hidden``; with ``cache``, through its ``image_head`` (made with the decoding weights)."""
+        if cache is not None and cache.image_head is not None:
+            return project(cache.image_head, self._final_norm(hidden))
+        return linear(self._final_norm(hidden), *self._image_head())
 
     def _sequence_logits(self, hidden: torch.Tensor, text_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Text logits of positions ``:text_len`` and image logits of the rest, from one split of the logits layer:
@@ -411,7 +429,7 @@ class DALLE(nn.Module):
                     f"got {prefix.shape[1]}"
                 )
             x = torch.cat([x, self._embed_image(prefix)], dim=1)
-        return self._image_logits(self._transform(x, cache)[:, -1])
+        return self._image_logits(self._transform(x, cache)[:, -1], cache)
 
     def decode_step(self, image_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Feed image token ``k`` (``int64[B]``, already validated) after a prefill and ``k - 1`` steps; return the
@@ -423,7 +441,7 @@ class DALLE(nn.Module):
                 f"{self.config.total_seq_len - 1} positions, got {cache.length}"
             )
         hidden = self._transform(self._embed_image(image_ids[:, None], start=position), cache)
-        return self._image_logits(hidden[:, -1])
+        return self._image_logits(hidden[:, -1], cache)
 
     def _decode_step_at(self, image_ids: torch.Tensor, image_position: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """:meth:`decode_step` with the image position as an ``int64[1]`` device tensor: the same logits, from
@@ -435,7 +453,7 @@ class DALLE(nn.Module):
         """
         sequence_position = image_position + (self.config.text_seq_len + 1)
         hidden = self._transform(self._embed_image_at(image_ids, image_position), cache, sequence_position)
-        return self._image_logits(hidden[:, -1])
+        return self._image_logits(hidden[:, -1], cache)
 
     def next_image_logits(self, text_ids: torch.Tensor, image_prefix: torch.Tensor) -> torch.Tensor:
         """Without a cache: logits ``[B, num_image_tokens]`` of the image token after ``image_prefix`` (``[B, k]``,
@@ -469,7 +487,7 @@ class DALLE(nn.Module):
                 if static is not None and image_ids.shape[1] == done + 1:
                     return static(image_ids[:, done], done)
                 x = self._embed_image(image_ids[:, done:], start=done)
-            return self._image_logits(self._transform(x, cache)[:, -1])
+            return self._image_logits(self._transform(x, cache)[:, -1], cache)
 
         return step
 
