@@ -117,8 +117,8 @@ def generate(
         bool,
         typer.Option(
             help="torch.compile the transformer's decoding step (decoder-only models): a compile of tens of seconds "
-            "first, then faster steps for small models (1.2x on a 2-core CPU; on an AVX-512 CPU a medium model is "
-            "faster without it; see docs/benchmarks.md)."
+            "first, then fused steps; on a CPU with AVX-512 the eager steps are as fast or faster (see "
+            "docs/benchmarks.md)."
         ),
     ] = False,
     output: Annotated[Path, typer.Option(help="Directory for images, grid.png and generations.json.")] = Path(

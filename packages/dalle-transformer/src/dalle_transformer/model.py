@@ -69,8 +69,9 @@ class DALLE(nn.Module):
     # always runs them eagerly). On CUDA each step is replayed from one captured CUDA graph unless this is False.
     cuda_graph_decoding: bool = True
     # torch.compile the decoding step (once per batch size and process: tens of seconds on a CPU, cached on disk by
-    # inductor): on a 2-core CPU a small model then generates 1.2x faster; on AVX-512 CPUs a medium model's eager steps
-    # (oneDNN-packed weight copies, which a compiled step cannot take) are 1.1x faster than its compiled ones.
+    # inductor), fusing its small operations. On AVX-512 CPUs the eager steps read oneDNN-packed weight copies, which
+    # a compiled step cannot take: on the 2-core CPU of docs/benchmarks.md a small model's eager steps are as fast as
+    # compiled ones and a medium model's 1.1x faster.
     compile_decoding: bool = False
     # On the CPU, decoding reads the projections from copies made per sequence in the layout its few-row products are
     # fastest with (dalle_transformer.linear.few_row_copy): on AVX-512 CPUs every weight in oneDNN's blocked layout
