@@ -108,6 +108,15 @@ def test_tiny_demo_end_to_end_then_generate(tmp_path, capsys):
     for record in sidecar["images"]:
         assert (compiled / record["file"]).read_bytes() == (generated / record["file"]).read_bytes()
 
+    # Without the decoding weight copies: the same images (the same products summed in another order; float rounding
+    # could flip a draw, as above).
+    stored = tmp_path / "gen-stored-weights"
+    arguments = ["generate", "--checkpoint", str(out / "model"), "--prompt", "a small red circle at the top left"]
+    arguments += ["--num-images", "2", "--seed", "5", "--no-weight-copies", "--output", str(stored)]
+    assert main(arguments) == 0
+    for record in sidecar["images"]:
+        assert (stored / record["file"]).read_bytes() == (generated / record["file"]).read_bytes()
+
 
 def test_console_script_is_installed():
     script = os.path.join(os.path.dirname(sys.executable), "dalle")

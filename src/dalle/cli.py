@@ -121,6 +121,15 @@ def generate(
             "docs/benchmarks.md)."
         ),
     ] = False,
+    weight_copies: Annotated[
+        bool,
+        typer.Option(
+            "--weight-copies/--no-weight-copies",
+            help="On a CPU, decode each batch through copies of the transformer's projection weights in the layout "
+            "its few-row products are fastest with: a second copy of those weights in memory while a batch is drawn. "
+            "--no-weight-copies reads them as stored (the same images, slower, less memory).",
+        ),
+    ] = True,
     output: Annotated[Path, typer.Option(help="Directory for images, grid.png and generations.json.")] = Path(
         "generations"
     ),
@@ -164,6 +173,7 @@ def generate(
     directory = resolve_bundle_dir(checkpoint)
     bundle = load_bundle(directory)
     bundle.model.to(device)
+    bundle.model.decoding_weight_copies = weight_copies
     if compile_decoding:
         architecture = bundle.model.config.architecture
         if architecture != "decoder_only":
