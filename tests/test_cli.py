@@ -100,22 +100,15 @@ def test_tiny_demo_end_to_end_then_generate(tmp_path, capsys):
     sidecar = json.loads((generated / "generations.json").read_text())
     assert [r["prompt"] for r in sidecar["images"]] == ["a small red circle at the top left"] * 2
 
-    # A compiled decoding step draws the same images (float rounding could flip a draw, about once in 10^4 runs).
-    compiled = tmp_path / "gen-compiled"
-    arguments = ["generate", "--checkpoint", str(out / "model"), "--prompt", "a small red circle at the top left"]
-    arguments += ["--num-images", "2", "--seed", "5", "--compile-decoding", "--output", str(compiled)]
-    assert main(arguments) == 0
-    for record in sidecar["images"]:
-        assert (compiled / record["file"]).read_bytes() == (generated / record["file"]).read_bytes()
-
-    # Without the decoding weight copies: the same images (the same products summed in another order; float rounding
-    # could flip a draw, as above).
-    stored = tmp_path / "gen-stored-weights"
-    arguments = ["generate", "--checkpoint", str(out / "model"), "--prompt", "a small red circle at the top left"]
-    arguments += ["--num-images", "2", "--seed", "5", "--no-weight-copies", "--output", str(stored)]
-    assert main(arguments) == 0
-    for record in sidecar["images"]:
-        assert (stored / record["file"]).read_bytes() == (generated / record["file"]).read_bytes()
+    # A compiled decoding step, and decoding without the weight copies, draw the same images (the same products summed
+    # in another order: float rounding could flip a draw, about once in 10^4 runs).
+    for flag in ("--compile-decoding", "--no-weight-copies"):
+        variant = tmp_path / f"gen{flag}"
+        arguments = ["generate", "--checkpoint", str(out / "model"), "--prompt", "a small red circle at the top left"]
+        arguments += ["--num-images", "2", "--seed", "5", flag, "--output", str(variant)]
+        assert main(arguments) == 0
+        for record in sidecar["images"]:
+            assert (variant / record["file"]).read_bytes() == (generated / record["file"]).read_bytes(), flag
 
 
 def test_console_script_is_installed():
