@@ -290,13 +290,15 @@ class DALLE(nn.Module):
                 assert attn is not None and ff is not None  # owners hold their modules by construction
                 h = block.decoding_step(h, attn, ff, pattern, context)
             x = h.view(x.shape)
-        elif config.reversible:
-            branches = [self._branches(blocks, i, context) for i in range(config.depth)]
-            x = run_reversible(branches, x, list(self.blocks.parameters()))
         else:
             branches = [self._branches(blocks, i, context) for i in range(config.depth)]
-            recompute = config.gradient_checkpointing and self.training and torch.is_grad_enabled() and cache is None
-            x = run_sequential(branches, x, recompute)
+            if config.reversible:
+                x = run_reversible(branches, x, list(self.blocks.parameters()))
+            else:
+                recompute = (
+                    config.gradient_checkpointing and self.training and torch.is_grad_enabled() and cache is None
+                )
+                x = run_sequential(branches, x, recompute)
         if cache is not None and position is None:
             cache.advance(n)
         return x
