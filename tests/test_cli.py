@@ -8,6 +8,7 @@ import sys
 import time
 
 from dalle.cli import main
+from dalle_transformer import native
 
 
 def test_help_lists_commands_and_is_fast(capsys):
@@ -46,7 +47,7 @@ def test_bad_override_is_one_line_before_any_work(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-def test_tiny_demo_end_to_end_then_generate(tmp_path, capsys):
+def test_tiny_demo_end_to_end_then_generate(tmp_path, capsys, monkeypatch):
     out = tmp_path / "demo"
     args = [
         "demo",
@@ -109,6 +110,20 @@ def test_tiny_demo_end_to_end_then_generate(tmp_path, capsys):
         assert main(arguments) == 0
         for record in sidecar["images"]:
             assert (variant / record["file"]).read_bytes() == (generated / record["file"]).read_bytes(), flag
+
+    # Where the decoding attention's C kernel cannot be built, generate says why and draws with SDPA: the same images.
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    monkeypatch.setenv("DALLE_CACHE_DIR", str(tmp_path / "empty-cache"))
+    native._default_build.cache_clear()  # this process's build, made again under the settings above
+    capsys.readouterr()
+    try:
+        arguments = ["generate", "--checkpoint", str(out / "model"), "--prompt", "a small red circle at the top left"]
+        assert main([*arguments, "--num-images", "2", "--seed", "5", "--output", str(tmp_path / "gen-sdpa")]) == 0
+    finally:
+        native._default_build.cache_clear()
+    assert "decoding attention runs in PyTorch's SDPA, slower: cannot run the C compiler" in capsys.readouterr().err
+    for record in sidecar["images"]:
+        assert (tmp_path / "gen-sdpa" / record["file"]).read_bytes() == (generated / record["file"]).read_bytes()
 
 
 def test_console_script_is_installed():

@@ -180,6 +180,7 @@ def generate(
             raise ConfigError(f"--compile-decoding is for decoder-only models; this checkpoint's is {architecture}")
         bundle.model.compile_decoding = True
         typer.echo("compiling the decoding step at the first batch (tens of seconds, once per batch size)", err=True)
+    _note_decoding_attention(device)
     if hasattr(bundle.image_tokenizer, "to"):
         bundle.image_tokenizer.to(device)
     scorer = None
@@ -205,6 +206,18 @@ def generate(
     if previews is not None:
         summary += f"; {len(previews.paths)} previews in {output / 'progress'}"
     typer.echo(summary)
+
+
+def _note_decoding_attention(device: str) -> None:
+    """On a Linux CPU, say when decoding attends through SDPA because the C kernel is not there (and why)."""
+    import torch
+
+    from dalle_transformer import native
+
+    if torch.device(device).type == "cpu" and sys.platform.startswith("linux"):
+        reason = native.unavailable_reason()
+        if reason is not None:
+            typer.echo(f"decoding attention runs in PyTorch's SDPA, slower: {reason}", err=True)
 
 
 def _mount_subcommands() -> None:

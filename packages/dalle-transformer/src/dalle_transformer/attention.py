@@ -77,7 +77,7 @@ class Attention(nn.Module):
         if cache is None or context.start == 0:
             out = self._whole_sequence(q, k, v, pattern, context, dropout_p)
         elif n == 1:
-            out = attend_decode(q, keys, values, pattern, context.start)
+            out = attend_decode(q, keys, values, pattern, context.start, context.backend)
         else:
             out = attend_rows(q, keys, values, pattern, context.start, dropout_p)
         return self.to_out(out.transpose(1, 2).reshape(batch, n, self.heads * self.dim_head))
@@ -98,10 +98,10 @@ class Attention(nn.Module):
         q, k, v = qkv.unbind(1)  # each [B, heads, 1, dim_head]
         if position is None:
             keys, values = cache.write(layer_index, k, v)
-            out = attend_decode(q, keys, values, pattern, context.start)
+            out = attend_decode(q, keys, values, pattern, context.start, context.backend)
         else:
             keys, values = cache.write_at(layer_index, position, k, v)
-            out = attend_decode_at(q, keys, values, pattern, position)
+            out = attend_decode_at(q, keys, values, pattern, position, context.backend)
         return project(weights.out, out.reshape(batch, -1)).view(*x.shape[:-1], -1)
 
     @staticmethod

@@ -7,7 +7,8 @@
 - :func:`attend_efficient`: ``full`` on SDPA with ``is_causal``; the other types as causal text attention plus a
   :class:`GroupedPlan` over the image queries (scores only against the text and the gathered keys).
 - :func:`attend_flex`: FlexAttention with a block mask built from the same ``mask_mod`` (fused on CUDA).
-- :func:`attend_decode`: one new query against only the keys its mask row allows, gathered from the KV cache.
+- :func:`attend_decode`: one new query against only the keys its mask row allows, gathered from the KV cache (on
+  the CPU in :mod:`dalle_transformer.native`'s kernel where it is built).
 - :func:`attend_decode_at`: the same for a query whose position is a device tensor (compiled and CUDA-graph steps).
 - :func:`attend_rows`: several new queries after a non-empty cache (dense mask rows; not on the hot path).
 """
@@ -21,6 +22,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from dalle_transformer import native
 from dalle_transformer.masks import AttentionPattern, cached_table
 from dalle_transformer.plans import GroupBucket, decode_keys, grouped_plan
 
@@ -146,17 +148,31 @@ def attend_flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Atte
 
 
 def attend_decode(
-    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, pattern: AttentionPattern, position: int
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    pattern: AttentionPattern,
+    position: int,
+    backend: str = "auto",
 ) -> torch.Tensor:
-    """One query (``q``: ``[B, H, 1, D]``) at ``position``; ``keys``/``values``: the cache up to ``position``."""
+    """One query (``q``: ``[B, H, 1, D]``) at ``position``; ``keys``/``values``: the cache up to ``position``. The
+    ``auto`` backend computes it with :mod:`dalle_transformer.native`'s kernel where that takes it, else SDPA."""
     index = decode_keys(pattern, position, q.device)
     if index is not None:
         keys, values = keys[:, :, index], values[:, :, index]
+    library = native.default_library() if backend == "auto" and q.device.type == "cpu" else None
+    if library is not None and native.decode_attention_takes(q, keys, values):
+        return native.attend(library, q, keys, values)
     return F.scaled_dot_product_attention(q, keys, values)
 
 
 def attend_decode_at(
-    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, pattern: AttentionPattern, position: torch.Tensor
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    pattern: AttentionPattern,
+    position: torch.Tensor,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """One query (``q``: ``[B, H, 1, D]``) at ``position`` (``int64[1]`` on the device) against a whole cache
     (``[B, H, max_len, D]``).
@@ -169,21 +185,33 @@ def attend_decode_at(
     if q.is_cuda:
         return attend_whole_cache(q, keys, values, pattern, position)
     kind, *sizes = dataclasses.astuple(pattern)
-    return _attend_decode_cached(q, keys, values, position, kind, sizes)
+    return _attend_decode_cached(q, keys, values, position, kind, sizes, backend)
 
 
 @torch.library.custom_op("dalle_transformer::attend_decode_cached", mutates_args=())
 def _attend_decode_cached(
-    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, position: torch.Tensor, kind: str, sizes: list[int]
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    position: torch.Tensor,
+    kind: str,
+    sizes: list[int],
+    backend: str,
 ) -> torch.Tensor:
     end = int(position) + 1
-    out = attend_decode(q, keys[:, :, :end], values[:, :, :end], AttentionPattern(kind, *sizes), end - 1)
+    out = attend_decode(q, keys[:, :, :end], values[:, :, :end], AttentionPattern(kind, *sizes), end - 1, backend)
     return out.contiguous()  # the layout its fake promises, whatever q's
 
 
 @_attend_decode_cached.register_fake
 def _(
-    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, position: torch.Tensor, kind: str, sizes: list[int]
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    position: torch.Tensor,
+    kind: str,
+    sizes: list[int],
+    backend: str,
 ) -> torch.Tensor:
     return q.new_empty(q.shape)
 

@@ -173,7 +173,8 @@ class DALLE(nn.Module):
         ``auto`` (default): ``full`` layers on SDPA with ``is_causal``, the other types on FlexAttention on CUDA and
         on the efficient gathered path elsewhere; ``efficient``; ``flex`` (FlexAttention; the efficient path runs
         where it cannot: with attention dropout in training, or gradients on CPU); ``dense`` (masked SDPA, the
-        reference). The KV-cached decode step always gathers just the keys each query's mask row allows.
+        reference). The KV-cached decode step always gathers just the keys each query's mask row allows, and on the
+        ``auto`` backend attends to them in :mod:`dalle_transformer.native`'s C kernel on a CPU where it is built.
         """
         if backend not in ATTENTION_BACKENDS:
             raise ConfigError(f"attention backend: expected one of {list(ATTENTION_BACKENDS)}, got {backend!r}")

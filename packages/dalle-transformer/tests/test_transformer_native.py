@@ -1,0 +1,172 @@
+"""The decoding attention's C kernel (dalle_transformer.native): built with this machine's C compiler, checked against a
+float64 formula and SDPA, in the model's decoding steps, and its failures to build."""
+
+from __future__ import annotations
+
+import stat
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dalle_core.errors import ShapeError
+from dalle_transformer import DALLE, DALLEConfig, native
+from dalle_transformer.kernels import attend_decode
+from dalle_transformer.masks import AttentionPattern
+
+needs_compiler = pytest.mark.skipif(
+    not sys.platform.startswith("linux") or native.find_compiler() is None,
+    reason="the kernel builds on Linux with a C compiler",
+)
+
+
+def reference(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """softmax(q . k / sqrt(D)) v in float64, written out."""
+    q, keys, values = q.double(), keys.double(), values.double()
+    scores = (q * keys).sum(-1, keepdim=True) / q.shape[-1] ** 0.5  # [B, H, n, 1]
+    weights = (scores - scores.amax(2, keepdim=True)).exp()
+    return ((weights * values).sum(2, keepdim=True) / weights.sum(2, keepdim=True)).float()
+
+
+@needs_compiler
+def test_the_kernel_builds_here() -> None:
+    # A machine with a C compiler must get the kernel: a silent fallback would hide a broken build.
+    assert native.decode_attention_available(), native.unavailable_reason()
+
+
+@needs_compiler
+@pytest.mark.parametrize(
+    ("batch", "heads", "n", "dim"),
+    [(1, 1, 1, 8), (2, 3, 5, 32), (4, 8, 193, 64), (2, 2, 300, 80), (1, 2, 129, 1024)],
+)
+def test_matches_the_formula_and_sdpa_on_strided_views(batch: int, heads: int, n: int, dim: int) -> None:
+    generator = torch.Generator().manual_seed(n)
+    # q as a decoding step makes it (one head of a [B, 3, H, 1, D] projection), keys as a slice of a longer cache,
+    # values in position-major layout: every stride the kernel takes differs from a contiguous tensor's.
+    q = torch.randn(batch, 3, heads, 1, dim, generator=generator)[:, 0]
+    keys = torch.randn(batch, heads, n + 7, dim, generator=generator)[:, :, :n]
+    values = torch.randn(batch, n, heads, dim, generator=generator).transpose(1, 2)
+    out = native.decode_attention(q, keys, values)
+    assert out.shape == (batch, heads, 1, dim) and out.is_contiguous()
+    torch.testing.assert_close(out, reference(q, keys, values), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, keys, values), rtol=1e-5, atol=1e-5)
+
+
+@needs_compiler
+def test_a_larger_maximum_in_a_later_block_rescales_the_earlier_sums() -> None:
+    # Scores rising from 0 to ~50 along the positions: the kernel's running maximum grows in each of its blocks of
+    # 128 keys, and the earlier blocks' sums must be rescaled (by e^-16 or so) or the output is far off.
+    generator = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 2, 1, 16, generator=generator)
+    ramp = torch.linspace(0.0, 50.0, 400)[None, None, :, None] * 16**0.5 / q.square().sum(-1, keepdim=True)
+    keys = q * ramp + 0.1 * torch.randn(2, 2, 400, 16, generator=generator)
+    values = torch.randn(2, 2, 400, 16, generator=generator)
+    torch.testing.assert_close(native.decode_attention(q, keys, values), reference(q, keys, values))
+
+
+@needs_compiler
+@pytest.mark.parametrize("kind", ["full", "axial_row", "axial_col", "conv_like", "sparse"])
+def test_attend_decode_on_the_auto_backend_agrees_with_sdpa(kind: str) -> None:
+    pattern = AttentionPattern(kind, text_len=4, fmap_size=4, kernel_size=3, dilation=1, block_size=3, local_blocks=2)
+    generator = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, 3, pattern.max_len, 8, generator=generator) for _ in range(3))
+    for position in range(1, pattern.max_len):
+        args = (q[:, :, position : position + 1], k[:, :, : position + 1], v[:, :, : position + 1], pattern, position)
+        torch.testing.assert_close(attend_decode(*args, "auto"), attend_decode(*args, "efficient"))
+
+
+def test_bad_tensors_get_a_shape_error() -> None:
+    q, keys = torch.randn(1, 2, 1, 8), torch.randn(1, 2, 5, 8)
+    with pytest.raises(ShapeError, match=r"q \[B, H, 1, D\].*\[1, 2, 2, 8\]"):
+        native.decode_attention(torch.randn(1, 2, 2, 8), keys, keys)
+    with pytest.raises(ShapeError, match="float32 CPU tensors, got .*torch.float64"):
+        native.decode_attention(q.double(), keys, keys)
+    with pytest.raises(ShapeError, match=r"keys \[B, H, n >= 1, D\]"):
+        native.decode_attention(q, keys[:, :, :0], keys[:, :, :0])
+    with pytest.raises(ShapeError, match="last dim is contiguous"):
+        native.decode_attention(q, keys, torch.randn(1, 2, 8, 5).transpose(2, 3))
+    assert not native.decode_attention_takes(q.requires_grad_(), keys, keys)  # autograd: SDPA's business
+
+
+@needs_compiler
+def test_a_build_is_made_once_and_then_loaded(tmp_path: Path) -> None:
+    compiler = native.find_compiler()
+    assert compiler is not None
+    native.load_library(tmp_path, compiler)
+    (built,) = tmp_path.glob("native/*/*.so")
+    stamp = built.stat().st_mtime_ns
+    native.load_library(tmp_path, compiler)
+    assert built.stat().st_mtime_ns == stamp
+    assert list(built.parent.iterdir()) == [built]  # no scratch left behind
+    # Without a compiler (a container image without one), the library built earlier is loaded.
+    library = native.load_library(tmp_path, None)
+    q, keys = torch.randn(1, 2, 1, 8), torch.randn(1, 2, 5, 8)
+    torch.testing.assert_close(native.attend(library, q, keys, keys), reference(q, keys, keys))
+    with pytest.raises(native.NativeBuildError, match="no C compiler found .* and no library built in"):
+        native.load_library(tmp_path / "empty", None)
+
+
+def fake_compiler(tmp_path: Path, exit_code: int) -> list[str]:
+    """A 'compiler' that answers --version and fails every build with a message (a stand-in for a broken toolchain)."""
+    script = tmp_path / "fake-cc"
+    script.write_text(
+        '#!/bin/sh\nif [ "$1" = "--version" ]; then echo "fake-cc 1.0"; exit 0; fi\n'
+        f'echo "decode_attention.c:1: error: no such thing" >&2\nexit {exit_code}\n'
+    )
+    script.chmod(script.stat().st_mode | stat.S_IXUSR)
+    return [str(script)]
+
+
+def test_a_failing_compiler_raises_with_its_message_and_leaves_no_library(tmp_path: Path) -> None:
+    with pytest.raises(native.NativeBuildError, match="exited with 3: decode_attention.c:1: error: no such thing"):
+        native.load_library(tmp_path / "cache", fake_compiler(tmp_path, 3))
+    assert not list((tmp_path / "cache").glob("native/*/*"))
+    with pytest.raises(native.NativeBuildError, match="cannot run the C compiler"):
+        native.load_library(tmp_path / "cache", [str(tmp_path / "missing-cc")])
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(native.NativeBuildError, match="cannot build in"):  # a cache folder that cannot be made
+        native.load_library(tmp_path / "a-file", fake_compiler(tmp_path, 0))
+
+
+def test_the_cache_dir_follows_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("DALLE_CACHE_DIR", str(tmp_path / "mine"))
+    assert native.default_cache_dir() == tmp_path / "mine"
+    monkeypatch.delenv("DALLE_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert native.default_cache_dir() == tmp_path / "xdg" / "dalle"
+    monkeypatch.setenv("CC", "gcc -m64")
+    assert native.find_compiler() == ["gcc", "-m64"]
+
+
+def small_model() -> DALLE:
+    config = DALLEConfig(
+        num_text_tokens=20, text_seq_len=6, num_image_tokens=16, image_fmap_size=4, dim=32, depth=2, heads=2,
+        dim_head=16, attn_types=("full", "axial_row"),
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return DALLE(config).eval()
+
+
+@needs_compiler
+def test_generation_is_the_same_with_the_kernel_without_it_and_on_the_efficient_backend(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    model = small_model()
+    text = torch.randint(1, 20, (3, 6), generator=torch.Generator().manual_seed(2))
+
+    def generate() -> torch.Tensor:
+        return model.generate_image_ids(text, top_k=8, generator=torch.Generator().manual_seed(3))
+
+    calls = []
+    attend = native.attend
+    monkeypatch.setattr(native, "attend", lambda *args: calls.append(1) or attend(*args))
+    with_kernel = generate()
+    assert len(calls) == 2 * (model.config.image_seq_len - 1)  # each layer of each decoding step
+    model.set_attention_backend("efficient")
+    on_efficient = generate()
+    model.set_attention_backend("auto")
+    monkeypatch.setattr(native, "default_library", lambda: None)  # as on a machine where it did not build
+    without_kernel = generate()
+    assert torch.equal(with_kernel, on_efficient) and torch.equal(with_kernel, without_kernel)
