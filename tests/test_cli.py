@@ -111,7 +111,8 @@ def test_tiny_demo_end_to_end_then_generate(tmp_path, capsys, monkeypatch):
         for record in sidecar["images"]:
             assert (variant / record["file"]).read_bytes() == (generated / record["file"]).read_bytes(), flag
 
-    # Where the decoding attention's C kernel cannot be built, generate says why and draws with SDPA: the same images.
+    # Where the decoding step's C kernels cannot be built, generate says why and runs PyTorch's operators: the same
+    # images.
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     monkeypatch.setenv("DALLE_CACHE_DIR", str(tmp_path / "empty-cache"))
     native._default_build.cache_clear()  # this process's build, made again under the settings above
@@ -121,7 +122,9 @@ def test_tiny_demo_end_to_end_then_generate(tmp_path, capsys, monkeypatch):
         assert main([*arguments, "--num-images", "2", "--seed", "5", "--output", str(tmp_path / "gen-sdpa")]) == 0
     finally:
         native._default_build.cache_clear()
-    assert "decoding attention runs in PyTorch's SDPA, slower: cannot run the C compiler" in capsys.readouterr().err
+    assert "decoding runs PyTorch's operators instead of its C kernels, slower: cannot run the C compiler" in (
+        capsys.readouterr().err
+    )
     for record in sidecar["images"]:
         assert (tmp_path / "gen-sdpa" / record["file"]).read_bytes() == (generated / record["file"]).read_bytes()
 

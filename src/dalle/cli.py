@@ -180,7 +180,7 @@ def generate(
             raise ConfigError(f"--compile-decoding is for decoder-only models; this checkpoint's is {architecture}")
         bundle.model.compile_decoding = True
         typer.echo("compiling the decoding step at the first batch (tens of seconds, once per batch size)", err=True)
-    _note_decoding_attention(device)
+    _note_decoding_kernels(device)
     if hasattr(bundle.image_tokenizer, "to"):
         bundle.image_tokenizer.to(device)
     scorer = None
@@ -208,8 +208,8 @@ def generate(
     typer.echo(summary)
 
 
-def _note_decoding_attention(device: str) -> None:
-    """On a Linux CPU, say when decoding attends through SDPA because the C kernel is not there (and why)."""
+def _note_decoding_kernels(device: str) -> None:
+    """On a Linux CPU, say when decoding runs PyTorch's operators because its C kernels are not there (and why)."""
     import torch
 
     from dalle_transformer import native
@@ -217,7 +217,7 @@ def _note_decoding_attention(device: str) -> None:
     if torch.device(device).type == "cpu" and sys.platform.startswith("linux"):
         reason = native.unavailable_reason()
         if reason is not None:
-            typer.echo(f"decoding attention runs in PyTorch's SDPA, slower: {reason}", err=True)
+            typer.echo(f"decoding runs PyTorch's operators instead of its C kernels, slower: {reason}", err=True)
 
 
 def _mount_subcommands() -> None:

@@ -1,5 +1,6 @@
-"""The decoding attention's C kernel (dalle_transformer.native): built with this machine's C compiler, checked against a
-float64 formula and SDPA, in the model's decoding steps, and its failures to build."""
+"""The decoding step's C kernels (dalle_transformer.native): built with this machine's C compiler; attention checked
+against a float64 formula and SDPA, sampling against the PyTorch operators it replaces; in the model's decoding
+steps; their failures to build."""
 
 from __future__ import annotations
 
@@ -11,10 +12,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dalle_core.errors import ShapeError
+from dalle_core.errors import DalleError, ShapeError
 from dalle_transformer import DALLE, DALLEConfig, native
 from dalle_transformer.kernels import attend_decode
 from dalle_transformer.masks import AttentionPattern
+from dalle_transformer.sampling import sample_logits
 
 needs_compiler = pytest.mark.skipif(
     not sys.platform.startswith("linux") or native.find_compiler() is None,
@@ -33,7 +35,7 @@ def reference(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torc
 @needs_compiler
 def test_the_kernel_builds_here() -> None:
     # A machine with a C compiler must get the kernel: a silent fallback would hide a broken build.
-    assert native.decode_attention_available(), native.unavailable_reason()
+    assert native.available(), native.unavailable_reason()
 
 
 @needs_compiler
@@ -91,6 +93,74 @@ def test_bad_tensors_get_a_shape_error() -> None:
 
 
 @needs_compiler
+def test_sampling_keeps_exactly_the_top_k_values_ties_included() -> None:
+    # At a huge temperature every kept value scores ~1 / -log(u): the largest uniform among the kept ids wins. The
+    # k-th largest value gets u = 0.99 and the largest value below it u = 0.999: the draw is the former exactly when
+    # the kept set ends at the k-th largest value (a threshold one value too high or too low picks another id).
+    library = native.default_library()
+    assert library is not None
+    generator = torch.Generator().manual_seed(0)
+    for n, k in [(2, 1), (7, 3), (1024, 512), (1024, 1), (1000, 999), (333, 128), (50, 50)]:
+        logits = torch.randint(-20, 20, (1, n), generator=generator).float()  # ties everywhere
+        kth = torch.kthvalue(logits[0], n - k + 1).values
+        uniform = torch.full((1, n), 0.5)
+        at_threshold = int(torch.nonzero(logits[0] == kth)[-1])
+        uniform[0, at_threshold] = 0.99
+        below = logits[0] < kth
+        if below.any():
+            uniform[0, int(torch.nonzero(logits[0] == logits[0][below].max())[0])] = 0.999
+        assert native.sample_rows(library, logits, uniform, k, 1e9).tolist() == [at_threshold], (n, k)
+
+
+@needs_compiler
+def test_sample_logits_draws_the_same_ids_with_and_without_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    def cases():
+        for seed in range(60):
+            generator = torch.Generator().manual_seed(seed)
+            rows, vocab = [(1, 1), (3, 7), (4, 1024), (2, 50), (3, 8192)][seed % 5]
+            if seed % 3 == 0:
+                logits = torch.randint(-3, 3, (rows, vocab), generator=generator).float()  # ties at the threshold
+            else:
+                logits = torch.randn(rows, vocab, generator=generator) * [0.1, 1.0, 10.0][seed % 3]
+            if seed % 4 == 0 and vocab > 2:
+                logits[:, 1] = float("-inf")
+            top_k = [None, 1, max(1, vocab // 2), vocab, max(1, vocab // 8)][seed % 5]
+            yield seed, logits, top_k, [1.0, 0.7, 2.5][seed % 3]
+
+    def draw_all() -> list[torch.Tensor]:
+        return [
+            sample_logits(logits, top_k=top_k, temperature=t, generator=torch.Generator().manual_seed(seed))
+            for seed, logits, top_k, t in cases()
+        ]
+
+    calls = []
+    sample_rows = native.sample_rows
+    monkeypatch.setattr(native, "sample_rows", lambda *args: calls.append(1) or sample_rows(*args))
+    with_kernel = draw_all()
+    assert len(calls) == 60
+    monkeypatch.setattr(native, "default_library", lambda: None)
+    for ids, reference_ids in zip(with_kernel, draw_all(), strict=True):
+        assert torch.equal(ids, reference_ids)
+
+
+@needs_compiler
+def test_rows_without_anything_to_draw_raise_the_samplers_error() -> None:
+    library = native.default_library()
+    assert library is not None
+    logits = torch.randn(4, 10)
+    logits[0, 3], logits[2, :] = float("nan"), float("-inf")
+    with pytest.raises(native.UnsampleableRow, match="row 0 of the logits"):
+        native.sample_rows(library, logits, torch.rand(4, 10), None, 1.0)
+    with pytest.raises(DalleError, match=r"got rows \[0, 2\] without"):  # every such row, as without the kernel
+        sample_logits(logits, top_k=5)
+    logits[0, 3], logits[2, :] = float("inf"), 0.0
+    with pytest.raises(native.UnsampleableRow, match="row 0 of the logits"):
+        native.sample_rows(library, logits, torch.rand(4, 10), 5, 1.0)
+    with pytest.raises(ShapeError, match="uniforms of the logits' shape"):
+        native.sample_rows(library, logits, torch.rand(4, 9), 5, 1.0)
+
+
+@needs_compiler
 def test_a_build_is_made_once_and_then_loaded(tmp_path: Path) -> None:
     compiler = native.find_compiler()
     assert compiler is not None
@@ -113,14 +183,14 @@ def fake_compiler(tmp_path: Path, exit_code: int) -> list[str]:
     script = tmp_path / "fake-cc"
     script.write_text(
         '#!/bin/sh\nif [ "$1" = "--version" ]; then echo "fake-cc 1.0"; exit 0; fi\n'
-        f'echo "decode_attention.c:1: error: no such thing" >&2\nexit {exit_code}\n'
+        f'echo "decoding.c:1: error: no such thing" >&2\nexit {exit_code}\n'
     )
     script.chmod(script.stat().st_mode | stat.S_IXUSR)
     return [str(script)]
 
 
 def test_a_failing_compiler_raises_with_its_message_and_leaves_no_library(tmp_path: Path) -> None:
-    with pytest.raises(native.NativeBuildError, match="exited with 3: decode_attention.c:1: error: no such thing"):
+    with pytest.raises(native.NativeBuildError, match="exited with 3: decoding.c:1: error: no such thing"):
         native.load_library(tmp_path / "cache", fake_compiler(tmp_path, 3))
     assert not list((tmp_path / "cache").glob("native/*/*"))
     with pytest.raises(native.NativeBuildError, match="cannot run the C compiler"):

@@ -1,19 +1,23 @@
-"""A decoding step's attention as a small C kernel (``decode_attention.c``), compiled at first use.
+"""Two pieces of a KV-cached decoding step as small C kernels (``decoding.c``), compiled at first use.
 
-A KV-cached decoding step attends one query per head to every cached key: it reads each layer's keys and values
-once and does little else with them. Those reads are cold (the layers' weights streamed through the CPU's caches
-since that layer's previous step), and SDPA's CPU kernel, made for blocks of queries, reads them at about half the
-rate a plain sum over the same tensors does: on the 2-core machine of docs/benchmarks.md 150-165 us per layer of the
-medium benchmark model at 193 positions, against 85 for the sum and 85 for this kernel, which streams each (row,
-head)'s keys and then values, prefetching a few rows ahead. That model generates 8-11% faster with it. The results are
-SDPA's up to float rounding (another summation order).
+A decoding step on the CPU streams the layers' weights through the caches between a few hundred small operations,
+so each of those runs with cold caches, and two of them lose most to that:
 
-The system C compiler (``$CC``, else ``cc``, ``gcc`` or ``clang``) builds it once per source and compiler, in a
+- Attention: one query per head against every cached key, reading each layer's keys and values once. SDPA's CPU
+  kernel, made for blocks of queries, reads them at about half the rate a plain sum over the same tensors does: on
+  the 2-core machine of docs/benchmarks.md 150-165 us per layer of the medium benchmark model at 193 positions,
+  against 85 for the sum and 85 for :func:`decode_attention`, which streams each (row, head)'s keys and then values,
+  prefetching a few rows ahead. That model generates 8-11% faster with it. SDPA's result up to float rounding.
+- Sampling: top-k, temperature and :func:`dalle_transformer.sampling.draw`'s exponential race are a dozen small
+  operations (about 260 us a step there, 50 in a loop of their own); :func:`sample_rows` is one pass over each row,
+  from the same uniform draws, so it picks the same ids (up to float rounding at near-ties).
+
+The system C compiler (``$CC``, else ``cc``, ``gcc`` or ``clang``) builds them once per source and compiler, in a
 fraction of a second, under ``$DALLE_CACHE_DIR/native`` (default ``$XDG_CACHE_HOME/dalle`` or ``~/.cache/dalle``);
 later processes load the built library. Where that cannot happen (not Linux, no compiler, a failed build, or a
-library that would bring an OpenMP runtime of its own instead of running on PyTorch's),
-:func:`decode_attention_available` is False, :func:`unavailable_reason` says why, and decoding attends with SDPA.
-The ``efficient`` attention backend (``model.set_attention_backend``) decodes with SDPA too.
+library that would bring an OpenMP runtime of its own instead of running on PyTorch's), :func:`available` is False,
+:func:`unavailable_reason` says why, and decoding runs PyTorch's operators instead. The ``efficient`` attention
+backend (``model.set_attention_backend``) attends with SDPA too.
 """
 
 from __future__ import annotations
@@ -36,16 +40,25 @@ import torch
 
 from dalle_core.errors import ShapeError
 
-SOURCE_NAME = "decode_attention.c"
-MAX_DIM = 1024  # decode_attention.c's MAX_DIM: the largest dim_head it takes
+SOURCE_NAME = "decoding.c"
+MAX_DIM = 1024  # decoding.c's MAX_DIM: the largest dim_head its attention takes
 _FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC")
 _OPENMP_RUNTIMES = ("libgomp", "libiomp", "libomp")
 # dalle_decode_attention's parameters: four pointers, twelve sizes and strides, the scale, the thread count.
-_ARGUMENT_TYPES: list[type] = [*[ctypes.c_void_p] * 4, *[ctypes.c_int64] * 12, ctypes.c_float, ctypes.c_int]
+_ATTENTION_ARGUMENTS: list[type] = [*[ctypes.c_void_p] * 4, *[ctypes.c_int64] * 12, ctypes.c_float, ctypes.c_int]
+# dalle_sample_rows's: logits, rows, vocab, row stride, uniforms, top-k, temperature, scratch, ids.
+_SAMPLING_ARGUMENTS: list[type] = [
+    ctypes.c_void_p,
+    *[ctypes.c_int64] * 3,
+    ctypes.c_void_p,
+    ctypes.c_int64,
+    ctypes.c_float,
+    *[ctypes.c_void_p] * 2,
+]
 
 
 class NativeBuildError(RuntimeError):
-    """The kernel could not be built or loaded; the message says why."""
+    """The kernels could not be built or loaded; the message says why."""
 
 
 def default_cache_dir() -> Path:
@@ -64,12 +77,12 @@ def find_compiler() -> list[str] | None:
 
 
 def load_library(cache_dir: Path, compiler: Sequence[str] | None) -> ctypes.CDLL:
-    """The kernel's library from ``cache_dir``, built there with ``compiler`` first unless already built; raises
+    """The kernels' library from ``cache_dir``, built there with ``compiler`` first unless already built; raises
     :class:`NativeBuildError`. On x86-64 it is built with one code path per vector width (AVX-512, AVX2, baseline:
     GCC's ``target_clones``), or, where the compiler cannot, for the baseline only. Without a compiler (None) it
     loads a library built earlier from the same source (a container image can ship one in ``$DALLE_CACHE_DIR``)."""
     if not sys.platform.startswith("linux"):
-        raise NativeBuildError(f"the kernel is built on Linux only, this is {sys.platform}")
+        raise NativeBuildError(f"the kernels are built on Linux only, this is {sys.platform}")
     source = resources.files("dalle_transformer").joinpath(SOURCE_NAME).read_bytes()
     builds = cache_dir / "native" / hashlib.sha256(source).hexdigest()[:16]  # one folder per source
     if compiler is None:
@@ -145,9 +158,12 @@ def _load(path: Path) -> ctypes.CDLL:
     # a second runtime would keep two pools of threads spinning on the same cores. Left loaded but never called.
     added = _openmp_runtimes() - before
     if added:
-        raise NativeBuildError(f"the kernel would run on {', '.join(sorted(added))}, not on PyTorch's OpenMP runtime")
-    library.dalle_decode_attention.argtypes = _ARGUMENT_TYPES
+        runtimes = ", ".join(sorted(added))
+        raise NativeBuildError(f"the kernels would run on {runtimes}, not on PyTorch's OpenMP runtime")
+    library.dalle_decode_attention.argtypes = _ATTENTION_ARGUMENTS
     library.dalle_decode_attention.restype = None
+    library.dalle_sample_rows.argtypes = _SAMPLING_ARGUMENTS
+    library.dalle_sample_rows.restype = ctypes.c_int64
     return library
 
 
@@ -167,17 +183,17 @@ def _default_build() -> tuple[ctypes.CDLL | None, str | None]:
 
 
 def default_library() -> ctypes.CDLL | None:
-    """This process's kernel library (built or loaded at the first call), or None where it is not available."""
+    """This process's kernels' library (built or loaded at the first call), or None where it is not available."""
     return _default_build()[0]
 
 
-def decode_attention_available() -> bool:
-    """Whether the kernel is built and loaded in this process (building it at the first call)."""
+def available() -> bool:
+    """Whether the kernels are built and loaded in this process (building them at the first call)."""
     return default_library() is not None
 
 
 def unavailable_reason() -> str | None:
-    """Why :func:`decode_attention_available` is False (None when it is True)."""
+    """Why :func:`available` is False (None when it is True)."""
     return _default_build()[1]
 
 
@@ -201,7 +217,7 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) 
         raise ShapeError(f"decode_attention: {problem}")
     library = default_library()
     if library is None:
-        raise RuntimeError(f"the native decoding attention is not available: {unavailable_reason()}")
+        raise RuntimeError(f"the native decoding kernels are not available: {unavailable_reason()}")
     return attend(library, q, keys, values)
 
 
@@ -226,6 +242,57 @@ def attend(library: ctypes.CDLL, q: torch.Tensor, keys: torch.Tensor, values: to
         torch.get_num_threads(),
     )
     return out
+
+
+class UnsampleableRow(ValueError):
+    """A row of logits holding NaN or +inf, or only -inf: nothing to draw from."""
+
+
+def sample_rows_takes(logits: torch.Tensor, top_k: int | None, temperature: float) -> bool:
+    """Whether :func:`sample_rows` draws from these logits: a float32 CPU ``[rows, vocab]`` tensor with a contiguous
+    last dim (and a vocabulary), ``top_k`` None or >= 1, a finite temperature > 0, outside ``torch.compile``."""
+    return (
+        type(logits) is torch.Tensor
+        and logits.device.type == "cpu"
+        and logits.dtype == torch.float32
+        and logits.dim() == 2
+        and logits.shape[1] > 0
+        and logits.stride(1) == 1
+        and (top_k is None or top_k >= 1)
+        and 0.0 < temperature < float("inf")
+        and not torch.compiler.is_compiling()
+    )
+
+
+def sample_rows(
+    library: ctypes.CDLL, logits: torch.Tensor, uniform: torch.Tensor, top_k: int | None, temperature: float
+) -> torch.Tensor:
+    """One id per row of ``logits`` (:func:`sample_rows_takes`), ``int64[rows]``: among the values >= the ``top_k``-th
+    largest (all with None; ties kept), the largest ``exp((x - max) / temperature) / -log(u)`` for ``uniform``
+    (contiguous float32 ``[rows, vocab]`` in ``[0, 1)``): :func:`dalle_transformer.sampling.sample_logits`'s draw
+    from those uniforms. Raises :class:`UnsampleableRow` for a row holding NaN or +inf, or only -inf."""
+    rows, vocab = logits.shape
+    if uniform.shape != logits.shape or uniform.dtype != torch.float32 or not uniform.is_contiguous():
+        raise ShapeError(
+            f"sample_rows: expected contiguous float32 uniforms of the logits' shape {list(logits.shape)}, "
+            f"got {uniform.dtype} {list(uniform.shape)}"
+        )
+    ids = torch.empty(rows, dtype=torch.long)
+    scratch = torch.empty(vocab)  # the selection of the top-k threshold reorders a copy of each row
+    unusable = library.dalle_sample_rows(
+        logits.data_ptr(),
+        rows,
+        vocab,
+        logits.stride(0),
+        uniform.data_ptr(),
+        vocab if top_k is None else min(top_k, vocab),
+        temperature,
+        scratch.data_ptr(),
+        ids.data_ptr(),
+    )
+    if unusable:
+        raise UnsampleableRow(f"row {unusable - 1} of the logits holds NaN or +inf, or only -inf")
+    return ids
 
 
 def _shape_problem(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> str | None:

@@ -12,6 +12,7 @@ import math
 import torch
 
 from dalle_core.errors import ConfigError, DalleError
+from dalle_transformer import native
 
 
 def _is_number(value: object) -> bool:
@@ -98,10 +99,23 @@ def sample_logits(
 
     Probabilities are computed in at least float32. When ``generator`` lives on another device than the logits (a CPU
     generator for a GPU model), sampling happens on the generator's device, so one seed gives the same ids wherever
-    the model runs.
+    the model runs. Float32 CPU logits without ``top_p`` are drawn by :func:`dalle_transformer.native.sample_rows`
+    where it is built: one pass per row, from the same uniforms, the same ids up to float rounding at near-ties.
     """
     if not logits.dtype.is_floating_point or logits.dtype.itemsize < 4:
         logits = logits.float()
+    library = native.default_library() if top_p is None and logits.device.type == "cpu" else None
+    if (
+        library is not None
+        and (generator is None or generator.device.type == "cpu")
+        and native.sample_rows_takes(logits, top_k, temperature)
+    ):
+        # The same draw in one C pass, from the uniforms draw() would take from the generator.
+        uniform = torch.rand(logits.shape, dtype=logits.dtype, generator=generator)
+        try:
+            return native.sample_rows(library, logits, uniform, top_k, temperature)
+        except native.UnsampleableRow:
+            pass  # the operations below raise the error that names every such row
     tempered = filter_top_p(apply_temperature(filter_top_k(logits, top_k), temperature), top_p)
     probs = torch.softmax(tempered, dim=-1)
     if generator is not None and generator.device != probs.device:
