@@ -1,6 +1,6 @@
-"""The decoding step's C kernels (dalle_transformer.native): built with this machine's C compiler; attention checked
-against a float64 formula and SDPA, sampling against the PyTorch operators it replaces; in the model's decoding
-steps; their failures to build."""
+"""The C kernels of dalle_transformer.native: built with this machine's C compiler; attention and GEGLU checked
+against float64 formulas (and SDPA), sampling against the PyTorch operators it replaces; in the model's decoding
+and training steps; their failures to build."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from dalle_core.errors import DalleError, ShapeError
 from dalle_transformer import DALLE, DALLEConfig, native
 from dalle_transformer.kernels import attend_decode
+from dalle_transformer.layers import FeedForward
 from dalle_transformer.masks import AttentionPattern
 from dalle_transformer.sampling import sample_logits
 
@@ -161,6 +162,55 @@ def test_rows_without_anything_to_draw_raise_the_samplers_error() -> None:
 
 
 @needs_compiler
+@pytest.mark.parametrize("width", [1, 5, 16, 37, 2048])
+def test_geglu_and_its_gradient_match_the_formula_in_float64(width: int) -> None:
+    library = native.default_library()
+    assert library is not None
+    generator = torch.Generator().manual_seed(width)
+    # Gates from -12 to 12 (the exponential's clamp and both tails) and a vector-sized body with a scalar tail.
+    h = torch.randn(3, 7, 2 * width, generator=generator) * 4.0
+    h[0, 0, width:] = torch.linspace(-12.0, 12.0, width)
+    grad = torch.randn(3, 7, width, generator=generator)
+    exact = h.double().requires_grad_()
+    x, gate = exact.chunk(2, dim=-1)
+    expected = x * F.gelu(gate)
+    expected.backward(grad.double())
+    out, grad_h = native.geglu(library, h), native.geglu_backward(library, h, grad)
+    # As close to the formula as PyTorch's own float32 operators get (their erf is the same approximation).
+    single = h.clone().requires_grad_()
+    x, gate = single.chunk(2, dim=-1)
+    (x * F.gelu(gate)).backward(grad)
+    torch_errors = ((x * F.gelu(gate)).double() - expected).abs().max(), (single.grad.double() - exact.grad).abs().max()
+    assert (out.double() - expected).abs().max() <= 2 * torch_errors[0] + 1e-6
+    assert (grad_h.double() - exact.grad).abs().max() <= 2 * torch_errors[1] + 1e-6
+    with pytest.raises(ShapeError, match=r"geglu_backward: expected a float32 CPU gradient \[3, 7, " + str(width)):
+        native.geglu_backward(library, h, grad[:, :1])
+
+
+@needs_compiler
+def test_a_geglu_feed_forward_trains_alike_with_and_without_the_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    def step() -> tuple[torch.Tensor, list[torch.Tensor]]:
+        torch.manual_seed(0)
+        ff = FeedForward(24, 4, 0.0, "geglu")
+        x = torch.randn(2, 9, 24, requires_grad=True)
+        out = ff(x)
+        out.square().sum().backward()
+        assert x.grad is not None
+        return out.detach(), [x.grad, *(p.grad for p in ff.parameters() if p.grad is not None)]
+
+    calls = []
+    geglu_backward = native.geglu_backward
+    monkeypatch.setattr(native, "geglu_backward", lambda *args: calls.append(1) or geglu_backward(*args))
+    out, grads = step()
+    assert calls == [1]
+    monkeypatch.setattr(native, "default_library", lambda: None)
+    reference_out, reference_grads = step()
+    torch.testing.assert_close(out, reference_out)
+    for grad, reference in zip(grads, reference_grads, strict=True):
+        torch.testing.assert_close(grad, reference, rtol=1e-4, atol=1e-5)
+
+
+@needs_compiler
 def test_a_build_is_made_once_and_then_loaded(tmp_path: Path) -> None:
     compiler = native.find_compiler()
     assert compiler is not None
@@ -183,14 +233,14 @@ def fake_compiler(tmp_path: Path, exit_code: int) -> list[str]:
     script = tmp_path / "fake-cc"
     script.write_text(
         '#!/bin/sh\nif [ "$1" = "--version" ]; then echo "fake-cc 1.0"; exit 0; fi\n'
-        f'echo "decoding.c:1: error: no such thing" >&2\nexit {exit_code}\n'
+        f'echo "native.c:1: error: no such thing" >&2\nexit {exit_code}\n'
     )
     script.chmod(script.stat().st_mode | stat.S_IXUSR)
     return [str(script)]
 
 
 def test_a_failing_compiler_raises_with_its_message_and_leaves_no_library(tmp_path: Path) -> None:
-    with pytest.raises(native.NativeBuildError, match="exited with 3: decoding.c:1: error: no such thing"):
+    with pytest.raises(native.NativeBuildError, match="exited with 3: native.c:1: error: no such thing"):
         native.load_library(tmp_path / "cache", fake_compiler(tmp_path, 3))
     assert not list((tmp_path / "cache").glob("native/*/*"))
     with pytest.raises(native.NativeBuildError, match="cannot run the C compiler"):
