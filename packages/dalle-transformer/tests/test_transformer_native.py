@@ -16,6 +16,7 @@ from dalle_core.errors import DalleError, ShapeError
 from dalle_transformer import DALLE, DALLEConfig, native
 from dalle_transformer.kernels import attend_decode
 from dalle_transformer.layers import FeedForward
+from dalle_transformer.linear import onednn_linear
 from dalle_transformer.masks import AttentionPattern
 from dalle_transformer.sampling import sample_logits
 
@@ -208,6 +209,43 @@ def test_a_geglu_feed_forward_trains_alike_with_and_without_the_kernels(monkeypa
     torch.testing.assert_close(out, reference_out)
     for grad, reference in zip(grads, reference_grads, strict=True):
         torch.testing.assert_close(grad, reference, rtol=1e-4, atol=1e-5)
+
+
+@needs_compiler
+@pytest.mark.parametrize(("rows", "cols"), [(1, 1), (5, 3), (31, 33), (64, 32), (130, 257)])
+def test_transposed_copies_rows_into_columns_exactly(rows: int, cols: int) -> None:
+    library = native.default_library()
+    assert library is not None
+    wide = torch.randn(rows, cols + 9)
+    for x in (wide[:, :cols].contiguous(), wide[:, 4 : 4 + cols]):  # contiguous, and rows further apart
+        out = native.transposed(library, x)
+        assert out.is_contiguous() and torch.equal(out, x.T)
+    assert not native.transpose_takes(wide.T)  # its rows are not contiguous
+
+
+@needs_compiler
+@pytest.mark.parametrize(("in_features", "out_features"), [(24, 40), (40, 24)])
+def test_linear_gradients_are_the_same_with_and_without_the_kernels(
+    monkeypatch: pytest.MonkeyPatch, in_features: int, out_features: int
+) -> None:
+    # Both branches of the weight gradient (out > in is computed transposed): the copies are exact, so the gradients
+    # must be equal, not close.
+    def gradients() -> list[torch.Tensor]:
+        generator = torch.Generator().manual_seed(0)
+        x = torch.randn(3, 7, in_features, generator=generator, requires_grad=True)
+        weight = torch.randn(out_features, in_features, generator=generator, requires_grad=True)
+        bias = torch.randn(out_features, generator=generator, requires_grad=True)
+        onednn_linear(x, weight, bias).square().sum().backward()
+        return [t.grad for t in (x, weight, bias) if t.grad is not None]
+
+    calls = []
+    transposed = native.transposed
+    monkeypatch.setattr(native, "transposed", lambda *args: calls.append(1) or transposed(*args))
+    with_kernels = gradients()
+    assert len(calls) == 1 + (out_features > in_features)
+    monkeypatch.setattr(native, "default_library", lambda: None)
+    for grad, reference in zip(with_kernels, gradients(), strict=True):
+        assert torch.equal(grad, reference)
 
 
 @needs_compiler

@@ -1,5 +1,5 @@
 /* The C side of dalle_transformer.native (which says why each kernel exists), compiled at first use: a KV-cached
-   decoding step's attention and sampling, and the GEGLU activation with its gradient.
+   decoding step's attention and sampling, the GEGLU activation with its gradient, and a transposing copy.
 
    Attention: for each (batch row, head), one query against the n cached keys, out = softmax(scale * K q) V.
 
@@ -238,4 +238,20 @@ void dalle_geglu_backward(const float* h, const float* grad, float* grad_h, int6
     float* grad_row = grad_h + r * 2 * width;
     geglu_backward_row(row, row + width, grad + r * width, grad_row, grad_row + width, width);
   }
+}
+
+/* dst = src^T: src [rows, cols] with rows src_stride floats apart (its columns contiguous), dst contiguous
+   [cols, rows]. Tiles of 32 x 32 (4 KB read, 4 KB written: both in L1), split between the threads: PyTorch's
+   transposing copy runs on one thread. */
+#define TILE 32
+void dalle_transpose(const float* src, float* dst, int64_t rows, int64_t cols, int64_t src_stride, int threads) {
+  int64_t row_tiles = (rows + TILE - 1) / TILE, col_tiles = (cols + TILE - 1) / TILE;
+#pragma omp parallel for num_threads(threads) schedule(static) collapse(2)
+  for (int64_t ct = 0; ct < col_tiles; ct++)
+    for (int64_t rt = 0; rt < row_tiles; rt++) {
+      int64_t r0 = rt * TILE, c0 = ct * TILE;
+      int64_t r1 = r0 + TILE < rows ? r0 + TILE : rows, c1 = c0 + TILE < cols ? c0 + TILE : cols;
+      for (int64_t c = c0; c < c1; c++)
+        for (int64_t r = r0; r < r1; r++) dst[c * rows + r] = src[r * src_stride + c];
+    }
 }
