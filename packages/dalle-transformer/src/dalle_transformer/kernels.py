@@ -160,8 +160,7 @@ def attend_decode(
     index = decode_keys(pattern, position, q.device)
     if index is not None:
         keys, values = keys[:, :, index], values[:, :, index]
-    native_applies = backend == "auto" and q.device.type == "cpu" and not torch.compiler.is_compiling()
-    library = native.default_library() if native_applies else None
+    library = native.library_for(q) if backend == "auto" else None
     if library is not None and native.decode_attention_takes(q, keys, values):
         return native.attend(library, q, keys, values)
     return F.scaled_dot_product_attention(q, keys, values)

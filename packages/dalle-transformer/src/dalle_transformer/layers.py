@@ -52,9 +52,7 @@ def geglu(h: torch.Tensor) -> torch.Tensor:
 
 def _native_geglu(h: torch.Tensor) -> ctypes.CDLL | None:
     """The C kernels' library where it computes GEGLU at ``h`` (:func:`dalle_transformer.native.geglu_takes`)."""
-    if h.device.type != "cpu" or torch.compiler.is_compiling():  # dynamo must not trace the library's loading
-        return None
-    library = native.default_library()
+    library = native.library_for(h)
     return library if library is not None and native.geglu_takes(h) else None
 
 

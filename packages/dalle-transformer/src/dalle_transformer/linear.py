@@ -197,7 +197,7 @@ class _OneDNNLinear(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         flat, weight = ctx.saved_tensors
-        library = None if torch.compiler.is_compiling() else native.default_library()
+        library = native.library_for(grad)
         grad_input = _product(grad, weight.T) if ctx.needs_input_grad[0] else None
         grad_weight = None
         if ctx.needs_input_grad[1]:
@@ -218,7 +218,7 @@ def _transposed(x: torch.Tensor, *, copy: bool) -> torch.Tensor:
     """``x.T``: with ``copy``, in rows of its own, copied by the native library where it takes ``x``."""
     if not copy:
         return x.T
-    library = None if torch.compiler.is_compiling() else native.default_library()
+    library = native.library_for(x)
     if library is not None and native.transpose_takes(x):
         return native.transposed(library, x)
     return x.T.contiguous()

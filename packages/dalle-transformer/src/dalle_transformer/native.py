@@ -204,6 +204,14 @@ def default_library() -> ctypes.CDLL | None:
     return _default_build()[0]
 
 
+def library_for(tensor: torch.Tensor) -> ctypes.CDLL | None:
+    """:func:`default_library` for work on ``tensor``: None unless it is on the CPU, and under ``torch.compile``'s
+    tracing (which must not trace the library's loading, and cannot trace its calls)."""
+    if tensor.device.type != "cpu" or torch.compiler.is_compiling():
+        return None
+    return default_library()
+
+
 def available() -> bool:
     """Whether the kernels are built and loaded in this process (building them at the first call)."""
     return default_library() is not None

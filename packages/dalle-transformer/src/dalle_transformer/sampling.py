@@ -104,8 +104,7 @@ def sample_logits(
     """
     if not logits.dtype.is_floating_point or logits.dtype.itemsize < 4:
         logits = logits.float()
-    native_applies = top_p is None and logits.device.type == "cpu" and not torch.compiler.is_compiling()
-    library = native.default_library() if native_applies else None
+    library = native.library_for(logits) if top_p is None else None
     if (
         library is not None
         and (generator is None or generator.device.type == "cpu")
