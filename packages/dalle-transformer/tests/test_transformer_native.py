@@ -26,6 +26,14 @@ needs_compiler = pytest.mark.skipif(
 )
 
 
+def counted_calls(monkeypatch: pytest.MonkeyPatch, name: str) -> list[int]:
+    """One entry per call of ``native.<name>`` from now on (the function itself still runs)."""
+    calls: list[int] = []
+    function = getattr(native, name)
+    monkeypatch.setattr(native, name, lambda *args: calls.append(1) or function(*args))
+    return calls
+
+
 def reference(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """softmax(q . k / sqrt(D)) v in float64, written out."""
     q, keys, values = q.double(), keys.double(), values.double()
@@ -135,9 +143,7 @@ def test_sample_logits_draws_the_same_ids_with_and_without_the_kernel(monkeypatc
             for seed, logits, top_k, t in cases()
         ]
 
-    calls = []
-    sample_rows = native.sample_rows
-    monkeypatch.setattr(native, "sample_rows", lambda *args: calls.append(1) or sample_rows(*args))
+    calls = counted_calls(monkeypatch, "sample_rows")
     with_kernel = draw_all()
     assert len(calls) == 60
     monkeypatch.setattr(native, "default_library", lambda: None)
@@ -199,9 +205,7 @@ def test_a_geglu_feed_forward_trains_alike_with_and_without_the_kernels(monkeypa
         assert x.grad is not None
         return out.detach(), [x.grad, *(p.grad for p in ff.parameters() if p.grad is not None)]
 
-    calls = []
-    geglu_backward = native.geglu_backward
-    monkeypatch.setattr(native, "geglu_backward", lambda *args: calls.append(1) or geglu_backward(*args))
+    calls = counted_calls(monkeypatch, "geglu_backward")
     out, grads = step()
     assert calls == [1]
     monkeypatch.setattr(native, "default_library", lambda: None)
@@ -238,9 +242,7 @@ def test_linear_gradients_are_the_same_with_and_without_the_kernels(
         onednn_linear(x, weight, bias).square().sum().backward()
         return [t.grad for t in (x, weight, bias) if t.grad is not None]
 
-    calls = []
-    transposed = native.transposed
-    monkeypatch.setattr(native, "transposed", lambda *args: calls.append(1) or transposed(*args))
+    calls = counted_calls(monkeypatch, "transposed")
     with_kernels = gradients()
     assert len(calls) == 1 + (out_features > in_features)
     monkeypatch.setattr(native, "default_library", lambda: None)
@@ -317,9 +319,7 @@ def test_generation_is_the_same_with_the_kernel_without_it_and_on_the_efficient_
     def generate() -> torch.Tensor:
         return model.generate_image_ids(text, top_k=8, generator=torch.Generator().manual_seed(3))
 
-    calls = []
-    attend = native.attend
-    monkeypatch.setattr(native, "attend", lambda *args: calls.append(1) or attend(*args))
+    calls = counted_calls(monkeypatch, "attend")
     with_kernel = generate()
     assert len(calls) == 2 * (model.config.image_seq_len - 1)  # each layer of each decoding step
     model.set_attention_backend("efficient")

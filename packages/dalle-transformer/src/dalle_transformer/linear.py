@@ -197,31 +197,29 @@ class _OneDNNLinear(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         flat, weight = ctx.saved_tensors
-        library = native.library_for(grad)
         grad_input = _product(grad, weight.T) if ctx.needs_input_grad[0] else None
         grad_weight = None
         if ctx.needs_input_grad[1]:
             # [out, in] = grad^T @ flat. For out > in computed as (flat^T @ grad)^T and copied to rows: oneDNN is
             # slow writing a result of many more rows than columns (an [4096, 512] weight gradient from 2,560 rows:
             # 200 GFLOP/s, against 340 this way with the copy).
-            # The transposed first factors are copied to rows by oneDNN otherwise; both copies run threaded in
-            # the native library where it is built (PyTorch's and oneDNN's run on one thread).
+            # oneDNN copies a transposed first factor to rows itself: the native library copies it (and the result
+            # below) on every thread where it is built, where PyTorch's and oneDNN's copies run on one.
             if grad.shape[1] <= flat.shape[1]:
-                grad_weight = _product(_transposed(grad, copy=library is not None), flat.T)
+                grad_weight = _product(_transposed(grad, contiguous=False), flat.T)
             else:
-                grad_weight = _transposed(_product(_transposed(flat, copy=library is not None), grad.T), copy=True)
+                grad_weight = _transposed(_product(_transposed(flat, contiguous=False), grad.T), contiguous=True)
         grad_bias = grad.sum(0) if ctx.needs_input_grad[2] else None
         return grad_input, grad_weight, grad_bias
 
 
-def _transposed(x: torch.Tensor, *, copy: bool) -> torch.Tensor:
-    """``x.T``: with ``copy``, in rows of its own, copied by the native library where it takes ``x``."""
-    if not copy:
-        return x.T
+def _transposed(x: torch.Tensor, *, contiguous: bool) -> torch.Tensor:
+    """``x.T``: copied to rows of its own by the native library where it takes ``x``, else by PyTorch with
+    ``contiguous`` and left a view without."""
     library = native.library_for(x)
     if library is not None and native.transpose_takes(x):
         return native.transposed(library, x)
-    return x.T.contiguous()
+    return x.T.contiguous() if contiguous else x.T
 
 
 class Linear(nn.Linear):
