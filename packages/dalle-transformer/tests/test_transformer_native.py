@@ -4,6 +4,8 @@ and training steps; their failures to build."""
 
 from __future__ import annotations
 
+import ctypes
+import math
 import stat
 import sys
 from pathlib import Path
@@ -248,6 +250,94 @@ def test_linear_gradients_are_the_same_with_and_without_the_kernels(
     monkeypatch.setattr(native, "default_library", lambda: None)
     for grad, reference in zip(with_kernels, gradients(), strict=True):
         assert torch.equal(grad, reference)
+
+
+def causal_library() -> ctypes.CDLL:
+    """The library, on a CPU its causal attention runs on (the test is skipped elsewhere)."""
+    library = native.default_library()
+    assert library is not None, native.unavailable_reason()
+    if not native.causal_attention_runs(library):
+        pytest.skip("the causal attention kernels run on x86-64-v4 (AVX-512) CPUs only")
+    return library
+
+
+@needs_compiler
+@pytest.mark.parametrize(
+    ("batch", "heads", "n", "dim", "magnitude"),
+    [(1, 1, 1, 1, 1.0), (2, 3, 5, 7, 1.0), (1, 2, 33, 16, 1.0), (2, 2, 64, 32, 1.0), (1, 2, 65, 80, 1.0),
+     (2, 1, 130, 64, 1.0), (1, 2, 97, 64, 6.0), (1, 1, 40, 1024, 1.0)],
+)  # fmt: skip
+@pytest.mark.parametrize("layout", ["projection", "contiguous"])
+def test_causal_attention_and_its_gradient_match_float64_sdpa(
+    batch: int, heads: int, n: int, dim: int, magnitude: float, layout: str
+) -> None:
+    # Sequences across the kernel's blocks of 32 keys and 64 queries and its rows of 6, head widths that are not
+    # whole vectors, and (magnitude 6) scores in the hundreds, where a softmax without its row maximum overflows.
+    library = causal_library()
+    generator = torch.Generator().manual_seed(n * dim)
+    if layout == "projection":  # as the attention layer makes it: a view of the QKV projection's [B, n, 3, H, D]
+        qkv = torch.randn(batch, n, 3, heads, dim, generator=generator).permute(2, 0, 3, 1, 4) * magnitude
+    else:
+        qkv = torch.randn(3, batch, heads, n, dim, generator=generator) * magnitude
+    # A contiguous gradient (the kernel's output is [B, n, H, D] underneath): the backward copies it to that layout.
+    grad = torch.randn(batch, heads, n, dim, generator=generator)
+    exact = qkv.detach().double().requires_grad_()
+    expected = F.scaled_dot_product_attention(*exact.unbind(0), is_causal=True)
+    expected.backward(grad.double())
+    in_float32 = qkv.detach().clone().requires_grad_()
+    sdpa = F.scaled_dot_product_attention(*in_float32.unbind(0), is_causal=True)
+    sdpa.backward(grad)
+    assert exact.grad is not None and in_float32.grad is not None
+
+    out, lse = native.causal_attention(library, qkv)
+    assert_as_close_as(out, sdpa, expected)
+    q, k, _ = exact.unbind(0)
+    scores = (q @ k.transpose(-1, -2) / dim**0.5).masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), -math.inf)
+    torch.testing.assert_close(lse, scores.logsumexp(-1).float(), rtol=1e-5, atol=1e-5)
+    grad_qkv = native.causal_attention_backward(library, qkv, out, lse, grad)
+    assert grad_qkv.shape == qkv.shape and grad_qkv.permute(1, 3, 0, 2, 4).is_contiguous()
+    assert_as_close_as(grad_qkv, in_float32.grad, exact.grad)
+
+
+def assert_as_close_as(actual: torch.Tensor, float32_reference: torch.Tensor, exact: torch.Tensor) -> None:
+    """``actual`` is at most twice as far from ``exact`` (float64) as PyTorch's float32 result (plus 1e-6)."""
+    error, reference_error = ((t.double() - exact).abs().max().item() for t in (actual, float32_reference))
+    assert error <= 2 * reference_error + 1e-6, f"off by {error:.3g}, PyTorch's float32 by {reference_error:.3g}"
+
+
+@needs_compiler
+@pytest.mark.parametrize("option", ["plain", "rotary_emb", "reversible", "gradient_checkpointing"])
+def test_a_model_trains_alike_with_and_without_the_causal_attention_kernels(
+    monkeypatch: pytest.MonkeyPatch, option: str
+) -> None:
+    causal_library()
+    config = DALLEConfig(
+        num_text_tokens=30, text_seq_len=7, num_image_tokens=16, image_fmap_size=5, dim=48, depth=3, heads=3,
+        dim_head=16, attn_types=("full", "axial_row"), **({} if option == "plain" else {option: True}),
+    )  # fmt: skip
+    generator = torch.Generator().manual_seed(1)
+    text, image = torch.randint(1, 30, (2, 7), generator=generator), torch.randint(0, 16, (2, 25), generator=generator)
+
+    def step() -> tuple[torch.Tensor, list[torch.Tensor]]:
+        torch.manual_seed(0)
+        model = DALLE(config).train()
+        loss = model.loss(text, image).loss
+        loss.backward()
+        return loss.detach(), [p.grad for p in model.parameters() if p.grad is not None]
+
+    forwards, backwards = (
+        counted_calls(monkeypatch, "causal_attention"),
+        counted_calls(monkeypatch, "causal_attention_backward"),
+    )
+    loss, grads = step()
+    full_layers = 2  # layers 0 and 2 of the cycle ("full", "axial_row")
+    recomputed = option in ("reversible", "gradient_checkpointing")  # their backward runs each forward again
+    assert len(forwards) == full_layers * (2 if recomputed else 1) and len(backwards) == full_layers
+    monkeypatch.setattr(native, "default_library", lambda: None)
+    reference_loss, reference_grads = step()
+    torch.testing.assert_close(loss, reference_loss)
+    for grad, reference in zip(grads, reference_grads, strict=True):
+        torch.testing.assert_close(grad, reference, rtol=1e-4, atol=1e-5)
 
 
 @needs_compiler

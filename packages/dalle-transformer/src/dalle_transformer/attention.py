@@ -17,6 +17,7 @@ from torch import nn
 from dalle_transformer.cache import KVCache
 from dalle_transformer.decoding_weights import project
 from dalle_transformer.kernels import (
+    attend_causal,
     attend_decode,
     attend_decode_at,
     attend_dense,
@@ -69,17 +70,16 @@ class Attention(nn.Module):
         qkv = self.to_qkv(x).view(batch, n, 3, self.heads, self.dim_head).permute(2, 0, 3, 1, 4)
         if context.rotary is not None:
             qkv = rotate(qkv, *context.rotary)
-        q, k, v = qkv.unbind(0)
         dropout_p = self.dropout if self.training else 0.0
         cache = context.cache
         if cache is not None:
-            keys, values = cache.write(layer_index, k, v)
+            keys, values = cache.write(layer_index, qkv[1], qkv[2])
         if cache is None or context.start == 0:
-            out = self._whole_sequence(q, k, v, pattern, context, dropout_p)
+            out = self._whole_sequence(qkv, pattern, context, dropout_p)
         elif n == 1:
-            out = attend_decode(q, keys, values, pattern, context.start, context.backend)
+            out = attend_decode(qkv[0], keys, values, pattern, context.start, context.backend)
         else:
-            out = attend_rows(q, keys, values, pattern, context.start, dropout_p)
+            out = attend_rows(qkv[0], keys, values, pattern, context.start, dropout_p)
         return self.to_out(out.transpose(1, 2).reshape(batch, n, self.heads * self.dim_head))
 
     def one_position(
@@ -106,14 +106,14 @@ class Attention(nn.Module):
 
     @staticmethod
     def _whole_sequence(
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        pattern: AttentionPattern,
-        context: PassContext,
-        dropout_p: float,
+        qkv: torch.Tensor, pattern: AttentionPattern, context: PassContext, dropout_p: float
     ) -> torch.Tensor:
         backend = context.backend
+        if backend == "auto" and pattern.kind == "full" and dropout_p == 0.0:
+            out = attend_causal(qkv)
+            if out is not None:
+                return out
+        q, k, v = qkv.unbind(0)
         if backend == "dense":
             return attend_dense(q, k, v, pattern, dropout_p)
         # FlexAttention has no dropout, and no backward on CPU: there the efficient path runs instead.

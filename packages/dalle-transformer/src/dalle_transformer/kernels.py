@@ -4,6 +4,8 @@
 ``[B, H, n_queries, D]``:
 
 - :func:`attend_dense`: the reference, SDPA with the pattern's full boolean mask.
+- :func:`attend_causal`: ``full`` over a whole sequence in :mod:`dalle_transformer.native`'s kernels, forward and
+  backward, on CPUs they run on (``None`` elsewhere).
 - :func:`attend_efficient`: ``full`` on SDPA with ``is_causal``; the other types as causal text attention plus a
   :class:`GroupedPlan` over the image queries (scores only against the text and the gathered keys).
 - :func:`attend_flex`: FlexAttention with a block mask built from the same ``mask_mod`` (fused on CUDA).
@@ -18,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +44,33 @@ def attend_dense(
 ) -> torch.Tensor:
     mask = pattern.square_mask(q.shape[-2], device=q.device)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+
+
+def attend_causal(qkv: torch.Tensor) -> torch.Tensor | None:
+    """Causal attention over ``q, k, v = qkv`` (``[3, B, H, n, D]``), what ``attend_efficient`` computes for the
+    ``full`` pattern without dropout, in the native library's kernels (with autograd); None where they do not take
+    ``qkv`` (not built, another CPU or dtype, under ``torch.compile``)."""
+    library = native.library_for(qkv)
+    if library is None or not native.causal_attention_runs(library) or not native.causal_attention_takes(qkv):
+        return None
+    if torch.is_grad_enabled() and qkv.requires_grad:
+        return cast(torch.Tensor, _CausalAttention.apply(qkv, library))
+    return native.causal_attention(library, qkv)[0]
+
+
+class _CausalAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, qkv: torch.Tensor, library: Any) -> torch.Tensor:
+        out, lse = native.causal_attention(library, qkv)
+        ctx.library = library
+        ctx.save_for_backward(qkv, out, lse)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        qkv, out, lse = ctx.saved_tensors
+        return native.causal_attention_backward(ctx.library, qkv, out, lse, grad), None
 
 
 def attend_efficient(

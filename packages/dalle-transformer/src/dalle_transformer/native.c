@@ -11,6 +11,7 @@
 #include <float.h>
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define CHUNK 128       /* keys scored at once, then folded into the running softmax */
@@ -254,4 +255,290 @@ void dalle_transpose(const float* src, float* dst, int64_t rows, int64_t cols, i
       for (int64_t c = c0; c < c1; c++)
         for (int64_t r = r0; r < r1; r++) dst[c * rows + r] = src[r * src_stride + c];
     }
+}
+
+/* Causal self-attention over whole sequences (training, and the first pass of decoding), forward and backward, for
+   each (batch row, head): out = softmax(scale * Q K^T + causal mask) V. The forward keeps the log of each query's
+   softmax sum, from which the backward recomputes the probabilities (as flash attention does: nothing n x n is kept
+   between them).
+
+   SDPA's CPU kernel multiplies these small blocks through a BLAS that runs AVX2 code on AMD processors, at a small
+   fraction of the machine's rate. Here every product is one register-blocked kernel (ROWS rows of two 16-float
+   vectors of the result in registers; per step, broadcasts of the left factor times a row of the right one) on
+   copies of the head's tensors padded with zeros to whole vectors, in blocks of BLOCK queries whose scores stay in
+   the caches, skipping scores above the diagonal 32 keys at a time. Built for AVX-512 CPUs only (x86-64-v4): with
+   half as many registers, each two per vector, AVX2 code spills the block and runs no faster than SDPA. */
+
+#define ROWS 6
+#define COLS (2 * LANES)
+#define BLOCK 64
+enum { LIMIT_NONE, LIMIT_COLS, LIMIT_DEPTH };
+
+#if defined(__GNUC__) && defined(__x86_64__) && defined(DALLE_TARGET_CLONES)
+#define HAS_WIDE_ATTENTION 1
+#define WIDE __attribute__((target("arch=x86-64-v4")))
+#else
+#define HAS_WIDE_ATTENTION 0
+#define WIDE
+#endif
+
+/* Whether this build and CPU run dalle_causal_attention and its backward (which do nothing where not). */
+int dalle_causal_attention_runs(void) {
+#if HAS_WIDE_ATTENTION
+  return __builtin_cpu_supports("x86-64-v4") != 0;
+#else
+  return 0;
+#endif
+}
+
+INLINE int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+INLINE int64_t smaller(int64_t a, int64_t b) { return a < b ? a : b; }
+
+/* c[i][j] (=, or += with accumulate) sum_t x[i * x_row + t * x_step] * y[t * y_row + j], for `rows` (at most
+   ROWS) rows i and the COLS columns j at c, y. */
+INLINE void micro_product(float* c, int64_t c_row, const float* x, int64_t x_row, int64_t x_step, const float* y,
+                          int64_t y_row, int64_t depth, int64_t rows, int accumulate) {
+  floats acc[ROWS][2];
+  const float* x_rows[ROWS];
+#pragma GCC unroll 8
+  for (int r = 0; r < ROWS; r++) {
+    x_rows[r] = x + (r < rows ? r : rows - 1) * x_row; /* missing rows repeat the last one, never stored */
+    acc[r][0] = acc[r][1] = broadcast(0.0f);
+  }
+  for (int64_t t = 0; t < depth; t++) {
+    floats y0 = load(y + t * y_row), y1 = load(y + t * y_row + LANES);
+#pragma GCC unroll 8
+    for (int r = 0; r < ROWS; r++) {
+      floats xv = broadcast(x_rows[r][t * x_step]);
+      acc[r][0] += xv * y0;
+      acc[r][1] += xv * y1;
+    }
+  }
+  for (int r = 0; r < rows; r++) {
+    float* row = c + r * c_row;
+    if (accumulate) {
+      acc[r][0] += load(row);
+      acc[r][1] += load(row + LANES);
+    }
+    store(row, acc[r][0]);
+    store(row + LANES, acc[r][1]);
+  }
+}
+
+/* c = x y (or c += x y) for x [rows, depth] (element (i, t) at x[i * x_row + t * x_step]), y [depth, cols] (rows
+   y_row apart), c [rows, cols] (rows c_row apart); cols a multiple of COLS. Row i is query first + i of a causal
+   attention: with LIMIT_COLS its columns stop at the first multiple of COLS past its group of rows' last query
+   (the rest left as they were), with LIMIT_DEPTH its sum stops after that query. */
+INLINE void product(float* c, int64_t c_row, const float* x, int64_t x_row, int64_t x_step, const float* y,
+                    int64_t y_row, int64_t rows, int64_t cols, int64_t depth, int64_t first, int limit,
+                    int accumulate) {
+  for (int64_t i = 0; i < rows; i += ROWS) {
+    int64_t here = smaller(rows - i, ROWS), end = first + i + here;
+    int64_t group_cols = limit == LIMIT_COLS ? smaller(cols, round_up(end, COLS)) : cols;
+    int64_t group_depth = limit == LIMIT_DEPTH ? smaller(depth, end) : depth;
+    for (int64_t j = 0; j < group_cols; j += COLS)
+      micro_product(c + i * c_row + j, c_row, x + i * x_row, x_row, x_step, y + j, y_row, group_depth, here,
+                    accumulate);
+  }
+}
+
+INLINE floats larger(floats a, floats b) {
+  ints a_larger = a > b;
+  return (floats)((a_larger & (ints)a) | (~a_larger & (ints)b));
+}
+
+/* The largest of row[0..last]. */
+INLINE float row_max(const float* row, int64_t last) {
+  floats lanes = broadcast(-INFINITY);
+  int64_t j = 0;
+  for (; j + LANES <= last + 1; j += LANES) lanes = larger(load(row + j), lanes);
+  float best = -INFINITY;
+  for (int l = 0; l < LANES; l++) best = lanes[l] > best ? lanes[l] : best;
+  for (; j <= last; j++) best = row[j] > best ? row[j] : best;
+  return best;
+}
+
+/* row[j] = exp(row[j] - shift) for j <= last (all <= 0 after the shift), 0 for last < j < width; returns the sum. */
+INLINE float exp_shifted(float* row, int64_t last, int64_t width, float shift) {
+  int64_t j = 0;
+  floats lanes = broadcast(0.0f);
+  for (; j + LANES <= last + 1; j += LANES) {
+    floats e = exp_nonpositive(load(row + j) - shift);
+    store(row + j, e);
+    lanes += e;
+  }
+  float sum = 0.0f;
+  for (int l = 0; l < LANES; l++) sum += lanes[l];
+  for (; j <= last; j++) sum += row[j] = expf(row[j] - shift);
+  for (; j < width; j++) row[j] = 0.0f;
+  return sum;
+}
+
+/* dst [rows_padded, dim_padded] = src [rows, dim] (rows src_row apart) times scale, zeros in the padding. */
+static void copy_padded(float* dst, const float* src, int64_t src_row, int64_t rows, int64_t dim, int64_t rows_padded,
+                        int64_t dim_padded, float scale) {
+  for (int64_t i = 0; i < rows_padded; i++)
+    for (int64_t c = 0; c < dim_padded; c++)
+      dst[i * dim_padded + c] = i < rows && c < dim ? src[i * src_row + c] * scale : 0.0f;
+}
+
+/* dst [dim_padded, rows_padded] = src [rows, dim]^T, zeros in the padding. */
+static void copy_transposed(float* dst, const float* src, int64_t src_row, int64_t rows, int64_t dim,
+                            int64_t rows_padded, int64_t dim_padded) {
+  for (int64_t c = 0; c < dim_padded; c++)
+    for (int64_t i = 0; i < rows_padded; i++)
+      dst[c * rows_padded + i] = i < rows && c < dim ? src[i * src_row + c] : 0.0f;
+}
+
+/* dst [rows, dim] (rows dst_row apart) = src [rows, dim_padded] times scale. */
+static void copy_unpadded(float* dst, int64_t dst_row, const float* src, int64_t rows, int64_t dim, int64_t dim_padded,
+                          float scale) {
+  for (int64_t i = 0; i < rows; i++)
+    for (int64_t c = 0; c < dim; c++) dst[i * dst_row + c] = src[i * dim_padded + c] * scale;
+}
+
+/* A (batch row, head)'s tensors, each [n, dim] with rows the given number of floats apart; lse [n]. */
+typedef struct {
+  const float *q, *k, *v;
+  int64_t qkv_row;
+  float* out; /* the backward reads out and grad, rows out_row apart, and writes grad_q, grad_k, grad_v */
+  const float* grad;
+  int64_t out_row;
+  float *lse, *grad_q, *grad_k, *grad_v;
+  int64_t grad_qkv_row, n, dim;
+  float scale;
+  float* scratch;
+} head_task;
+
+static int64_t forward_scratch(int64_t n, int64_t dim) {
+  int64_t dp = round_up(dim, COLS), np = round_up(n, COLS);
+  return n * dp + 2 * np * dp + BLOCK * np + BLOCK * dp;
+}
+
+static int64_t backward_scratch(int64_t n, int64_t dim) {
+  int64_t dp = round_up(dim, COLS), np = round_up(n, COLS);
+  return 2 * n * dp + 5 * np * dp + 2 * BLOCK * np + BLOCK * dp + n;
+}
+
+WIDE static void forward_head(const head_task* task) {
+  int64_t n = task->n, dim = task->dim, dp = round_up(dim, COLS), np = round_up(n, COLS);
+  float *qs = task->scratch, *kt = qs + n * dp, *vp = kt + dp * np, *scores = vp + np * dp, *o = scores + BLOCK * np;
+  copy_padded(qs, task->q, task->qkv_row, n, dim, n, dp, task->scale);
+  copy_transposed(kt, task->k, task->qkv_row, n, dim, np, dp);
+  copy_padded(vp, task->v, task->qkv_row, n, dim, np, dp, 1.0f);
+  for (int64_t first = 0; first < n; first += BLOCK) {
+    int64_t rows = smaller(BLOCK, n - first), width = round_up(first + rows, COLS);
+    product(scores, np, qs + first * dp, dp, 1, kt, np, rows, width, dp, first, LIMIT_COLS, 0);
+    for (int64_t r = 0; r < rows; r++) {
+      float *row = scores + r * np, best = row_max(row, first + r);
+      float sum = exp_shifted(row, first + r, width, best), inverse = 1.0f / sum;
+      for (int64_t j = 0; j <= first + r; j++) row[j] *= inverse;
+      task->lse[first + r] = best + logf(sum);
+    }
+    product(o, dp, scores, np, 1, vp, dp, rows, dp, width, first, LIMIT_DEPTH, 0);
+    copy_unpadded(task->out + first * task->out_row, task->out_row, o, rows, dim, dp, 1.0f);
+  }
+}
+
+/* With P the probabilities and dP = grad V^T: dS = P * (dP - rowsum(grad * out)) (the softmax's gradient),
+   grad_v = P^T grad, grad_k = dS^T (scale q), grad_q = scale dS K. */
+WIDE static void backward_head(const head_task* task) {
+  int64_t n = task->n, dim = task->dim, dp = round_up(dim, COLS), np = round_up(n, COLS);
+  float *qs = task->scratch, *gp = qs + n * dp, *kt = gp + n * dp, *kp = kt + dp * np, *vt = kp + np * dp;
+  float *gk = vt + dp * np, *gv = gk + np * dp, *probs = gv + np * dp, *gs = probs + BLOCK * np;
+  float *gq = gs + BLOCK * np, *delta = gq + BLOCK * dp;
+  copy_padded(qs, task->q, task->qkv_row, n, dim, n, dp, task->scale);
+  copy_padded(gp, task->grad, task->out_row, n, dim, n, dp, 1.0f);
+  copy_transposed(kt, task->k, task->qkv_row, n, dim, np, dp);
+  copy_padded(kp, task->k, task->qkv_row, n, dim, np, dp, 1.0f);
+  copy_transposed(vt, task->v, task->qkv_row, n, dim, np, dp);
+  memset(gk, 0, 2 * np * dp * sizeof(float)); /* gk and gv */
+  for (int64_t i = 0; i < n; i++) {
+    float sum = 0.0f;
+    for (int64_t c = 0; c < dim; c++) sum += task->grad[i * task->out_row + c] * task->out[i * task->out_row + c];
+    delta[i] = sum;
+  }
+  for (int64_t first = 0; first < n; first += BLOCK) {
+    int64_t rows = smaller(BLOCK, n - first), width = round_up(first + rows, COLS);
+    product(probs, np, qs + first * dp, dp, 1, kt, np, rows, width, dp, first, LIMIT_COLS, 0);
+    product(gs, np, gp + first * dp, dp, 1, vt, np, rows, width, dp, first, LIMIT_COLS, 0);
+    for (int64_t r = 0; r < rows; r++) {
+      int64_t last = first + r, j = 0;
+      float *p = probs + r * np, *g = gs + r * np;
+      exp_shifted(p, last, width, task->lse[last]);
+      floats d = broadcast(delta[last]);
+      for (; j + LANES <= last + 1; j += LANES) store(g + j, load(p + j) * (load(g + j) - d));
+      for (; j <= last; j++) g[j] = p[j] * (g[j] - delta[last]);
+      for (; j < width; j++) g[j] = 0.0f;
+    }
+    product(gv, dp, probs, 1, np, gp + first * dp, dp, width, dp, rows, 0, LIMIT_NONE, 1);
+    product(gk, dp, gs, 1, np, qs + first * dp, dp, width, dp, rows, 0, LIMIT_NONE, 1);
+    product(gq, dp, gs, np, 1, kp, dp, rows, dp, width, first, LIMIT_DEPTH, 0);
+    copy_unpadded(task->grad_q + first * task->grad_qkv_row, task->grad_qkv_row, gq, rows, dim, dp, task->scale);
+  }
+  copy_unpadded(task->grad_k, task->grad_qkv_row, gk, n, dim, dp, 1.0f);
+  copy_unpadded(task->grad_v, task->grad_qkv_row, gv, n, dim, dp, 1.0f);
+}
+
+/* The (batch row, head) pairs split between the threads, each with scratch of its own. Returns 0, 1 where the
+   scratch could not be allocated, 2 where dalle_causal_attention_runs() is 0. */
+static int each_head(head_task shared, int64_t batch, int64_t heads, const int64_t* qkv_strides,
+                     const int64_t* out_strides, const int64_t* grad_strides, int backward, int threads) {
+  if (!dalle_causal_attention_runs()) return 2;
+  int failed = 0;
+  int64_t scratch_floats = backward ? backward_scratch(shared.n, shared.dim) : forward_scratch(shared.n, shared.dim);
+#pragma omp parallel num_threads(threads)
+  {
+    float* scratch = malloc(scratch_floats * sizeof(float));
+    if (scratch == NULL) {
+#pragma omp atomic write
+      failed = 1;
+    }
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t i = 0; i < batch * heads; i++) {
+      if (scratch == NULL) continue;
+      int64_t b = i / heads, h = i % heads;
+      head_task task = shared;
+      task.q = shared.q + b * qkv_strides[1] + h * qkv_strides[2];
+      task.k = task.q + qkv_strides[0];
+      task.v = task.k + qkv_strides[0];
+      task.out = shared.out + b * out_strides[0] + h * out_strides[1];
+      task.lse = shared.lse + i * shared.n;
+      task.scratch = scratch;
+      if (backward) {
+        task.grad = shared.grad + b * out_strides[0] + h * out_strides[1];
+        task.grad_q = shared.grad_q + b * grad_strides[1] + h * grad_strides[2];
+        task.grad_k = task.grad_q + grad_strides[0];
+        task.grad_v = task.grad_k + grad_strides[0];
+        backward_head(&task);
+      } else {
+        forward_head(&task);
+      }
+    }
+    free(scratch);
+  }
+  return failed;
+}
+
+/* qkv: q, k, v [batch, heads, n, dim] at qkv + (0, 1, 2) * qkv_strides[0], each with strides (qkv_strides[1..3], 1);
+   out [batch, heads, n, dim] with strides (out_strides[0..2], 1); lse contiguous [batch, heads, n]. Returns as
+   each_head. */
+int dalle_causal_attention(const float* qkv, float* out, float* lse, int64_t batch, int64_t heads, int64_t n,
+                           int64_t dim, const int64_t* qkv_strides, const int64_t* out_strides, float scale,
+                           int threads) {
+  head_task shared = {.q = qkv, .qkv_row = qkv_strides[3], .out = out, .out_row = out_strides[2], .lse = lse,
+                      .n = n, .dim = dim, .scale = scale};
+  return each_head(shared, batch, heads, qkv_strides, out_strides, NULL, 0, threads);
+}
+
+/* The gradients for grad (the loss's gradient for out, in out's strides), written into grad_qkv (as qkv, with
+   strides grad_strides). lse: the forward's. */
+int dalle_causal_attention_backward(const float* qkv, const float* out, const float* grad, const float* lse,
+                                    float* grad_qkv, int64_t batch, int64_t heads, int64_t n, int64_t dim,
+                                    const int64_t* qkv_strides, const int64_t* out_strides,
+                                    const int64_t* grad_strides, float scale, int threads) {
+  head_task shared = {.q = qkv, .qkv_row = qkv_strides[3], .out = (float*)out, .grad = grad,
+                      .out_row = out_strides[2], .lse = (float*)lse, .grad_q = grad_qkv,
+                      .grad_qkv_row = grad_strides[3], .n = n, .dim = dim, .scale = scale};
+  return each_head(shared, batch, heads, qkv_strides, out_strides, grad_strides, 1, threads);
 }
