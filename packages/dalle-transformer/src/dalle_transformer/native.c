@@ -160,7 +160,7 @@ typedef float floats __attribute__((vector_size(4 * LANES)));
 typedef int32_t ints __attribute__((vector_size(4 * LANES)));
 #define INLINE static inline __attribute__((always_inline)) /* into each clone: vectors cross no call boundary */
 
-INLINE floats broadcast(float v) { return (floats){0} + v; }
+INLINE floats broadcast(float v) { return __builtin_shuffle((floats){v}, (ints){0}); }
 INLINE floats load(const float* p) {
   floats v;
   memcpy(&v, p, sizeof v);
@@ -375,24 +375,35 @@ INLINE float exp_shifted(float* row, int64_t last, int64_t width, float shift) {
 }
 
 /* dst [rows_padded, dim_padded] = src [rows, dim] (rows src_row apart) times scale, zeros in the padding. */
-static void copy_padded(float* dst, const float* src, int64_t src_row, int64_t rows, int64_t dim, int64_t rows_padded,
-                        int64_t dim_padded, float scale) {
-  for (int64_t i = 0; i < rows_padded; i++)
-    for (int64_t c = 0; c < dim_padded; c++)
-      dst[i * dim_padded + c] = i < rows && c < dim ? src[i * src_row + c] * scale : 0.0f;
+static void copy_padded(float* restrict dst, const float* restrict src, int64_t src_row, int64_t rows, int64_t dim,
+                        int64_t rows_padded, int64_t dim_padded, float scale) {
+  for (int64_t i = 0; i < rows; i++) {
+    float* to = dst + i * dim_padded;
+    const float* from = src + i * src_row;
+    for (int64_t c = 0; c < dim; c++) to[c] = from[c] * scale;
+    memset(to + dim, 0, (dim_padded - dim) * sizeof(float));
+  }
+  memset(dst + rows * dim_padded, 0, (rows_padded - rows) * dim_padded * sizeof(float));
 }
 
-/* dst [dim_padded, rows_padded] = src [rows, dim]^T, zeros in the padding. */
-static void copy_transposed(float* dst, const float* src, int64_t src_row, int64_t rows, int64_t dim,
-                            int64_t rows_padded, int64_t dim_padded) {
-  for (int64_t c = 0; c < dim_padded; c++)
-    for (int64_t i = 0; i < rows_padded; i++)
-      dst[c * rows_padded + i] = i < rows && c < dim ? src[i * src_row + c] : 0.0f;
+/* dst [dim_padded, rows_padded] = src [rows, dim]^T, zeros in the padding; LANES rows at a time, so that each
+   column of them is written as one vector. */
+static void copy_transposed(float* restrict dst, const float* restrict src, int64_t src_row, int64_t rows,
+                            int64_t dim, int64_t rows_padded, int64_t dim_padded) {
+  memset(dst + dim * rows_padded, 0, (dim_padded - dim) * rows_padded * sizeof(float));
+  for (int64_t i = 0; i < rows_padded; i += LANES) {
+    int64_t here = smaller(LANES, rows - i);
+    for (int64_t c = 0; c < dim; c++) {
+      float column[LANES] = {0};
+      for (int64_t r = 0; r < here; r++) column[r] = src[(i + r) * src_row + c];
+      memcpy(dst + c * rows_padded + i, column, sizeof column);
+    }
+  }
 }
 
 /* dst [rows, dim] (rows dst_row apart) = src [rows, dim_padded] times scale. */
-static void copy_unpadded(float* dst, int64_t dst_row, const float* src, int64_t rows, int64_t dim, int64_t dim_padded,
-                          float scale) {
+static void copy_unpadded(float* restrict dst, int64_t dst_row, const float* restrict src, int64_t rows, int64_t dim,
+                          int64_t dim_padded, float scale) {
   for (int64_t i = 0; i < rows; i++)
     for (int64_t c = 0; c < dim; c++) dst[i * dst_row + c] = src[i * dim_padded + c] * scale;
 }
