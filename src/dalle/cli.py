@@ -209,15 +209,11 @@ def generate(
 
 
 def _note_decoding_kernels(device: str) -> None:
-    """On a Linux CPU, say when decoding runs PyTorch's operators because its C kernels are not there (and why)."""
-    import torch
-
     from dalle_transformer import native
 
-    if torch.device(device).type == "cpu" and sys.platform.startswith("linux"):
-        reason = native.unavailable_reason()
-        if reason is not None:
-            typer.echo(f"decoding runs PyTorch's operators instead of its C kernels, slower: {reason}", err=True)
+    note = native.fallback_note(device, "decoding")
+    if note is not None:
+        typer.echo(note, err=True)
 
 
 def _mount_subcommands() -> None:

@@ -239,6 +239,11 @@ def _dalle_stage(
     stream = train_stream(sources, config.data, size, micro, backend, stage.loop.seed, transform)
     validate = validation_batches(sources, size, micro, backend, stage.loop.validation_batches, transform)
     logger = RunLogger(output / DALLE_DIR, config.logging, enabled=backend.is_main)
+    from dalle_transformer import native
+
+    note = native.fallback_note(backend.device, "training")
+    if note is not None:
+        logger.message(note)
     model = train_loop(
         task,
         stream,

@@ -251,6 +251,15 @@ def unavailable_reason() -> str | None:
     return _default_build()[1]
 
 
+def fallback_note(device: torch.device | str, work: str) -> str | None:
+    """On a Linux CPU where the kernels are not available, a line saying that ``work`` (``"decoding"``,
+    ``"training"``) runs PyTorch's operators instead, slower, and why; None elsewhere."""
+    if torch.device(device).type != "cpu" or not sys.platform.startswith("linux"):
+        return None
+    reason = unavailable_reason()
+    return None if reason is None else f"{work} runs PyTorch's operators instead of its C kernels, slower: {reason}"
+
+
 def decode_attention_takes(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> bool:
     """Whether :func:`decode_attention` computes this attention: float32 CPU tensors without autograd, one query
     per row and head, last dims contiguous, ``dim_head <= MAX_DIM``, outside ``torch.compile``'s tracing."""
