@@ -341,6 +341,29 @@ def test_a_model_trains_alike_with_and_without_the_causal_attention_kernels(
 
 
 @needs_compiler
+def test_text_only_passes_of_other_patterns_use_the_causal_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Text queries attend causally in every pattern, so a pass over text alone is full attention in axial layers too.
+    causal_library()
+    config = DALLEConfig(
+        num_text_tokens=30, text_seq_len=7, num_image_tokens=16, image_fmap_size=4, dim=32, depth=2, heads=2,
+        dim_head=16, attn_types=("axial_row", "conv_like"),
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = DALLE(config).eval()
+    prefix = torch.randint(1, 30, (3, 2), generator=torch.Generator().manual_seed(4))
+
+    def complete() -> torch.Tensor:
+        generator = torch.Generator().manual_seed(5)
+        return model.generate_text_ids(prefix, top_k=5, generator=generator, use_cache=False)
+
+    calls = counted_calls(monkeypatch, "causal_attention")
+    with_kernel = complete()
+    assert len(calls) >= config.depth  # every layer of every uncached pass
+    monkeypatch.setattr(native, "default_library", lambda: None)
+    assert torch.equal(with_kernel, complete())
+
+
+@needs_compiler
 def test_a_build_is_made_once_and_then_loaded(tmp_path: Path) -> None:
     compiler = native.find_compiler()
     assert compiler is not None

@@ -109,7 +109,9 @@ class Attention(nn.Module):
         qkv: torch.Tensor, pattern: AttentionPattern, context: PassContext, dropout_p: float
     ) -> torch.Tensor:
         backend = context.backend
-        if backend == "auto" and pattern.kind == "full" and dropout_p == 0.0:
+        # Text queries attend causally in every pattern: a text-only pass is full attention too.
+        causal = pattern.kind == "full" or qkv.shape[3] <= pattern.text_len
+        if backend == "auto" and causal and dropout_p == 0.0:
             out = attend_causal(qkv)
             if out is not None:
                 return out

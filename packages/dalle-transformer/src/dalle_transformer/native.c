@@ -285,6 +285,7 @@ enum { LIMIT_NONE, LIMIT_COLS, LIMIT_DEPTH };
 /* Whether this build and CPU run dalle_causal_attention and its backward (which do nothing where not). */
 int dalle_causal_attention_runs(void) {
 #if HAS_WIDE_ATTENTION
+  __builtin_cpu_init(); /* idempotent; GCC asks for it where the CPU is queried early */
   return __builtin_cpu_supports("x86-64-v4") != 0;
 #else
   return 0;

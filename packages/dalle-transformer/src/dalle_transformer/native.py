@@ -22,8 +22,8 @@ Training's causal attention over whole sequences (the ``full`` pattern, and the 
 SDPA's flash kernel, whose products go through a BLAS that runs AVX2 code on AMD processors: 34 ms forward and
 backward per layer of the medium model there. :func:`causal_attention` and :func:`causal_attention_backward` do
 the same work (the backward recomputes the probabilities from each query's saved log-sum-exp, as flash attention
-does) in register-blocked products of their own on AVX-512 CPUs (:func:`causal_attention_runs`): 13 ms, and the
-medium model trains 10% faster, the small one 4%. Their gradient for QKV comes out in the projection's layout.
+does) in register-blocked products of their own on AVX-512 CPUs (:func:`causal_attention_runs`): 11 ms, and the
+medium model trains 12% faster, the small one 5%. Their gradient for QKV comes out in the projection's layout.
 
 The system C compiler (``$CC``, else ``cc``, ``gcc`` or ``clang``) builds them once per source and compiler, in
 about a second, under ``$DALLE_CACHE_DIR/native`` (default ``$XDG_CACHE_HOME/dalle`` or ``~/.cache/dalle``);
