@@ -306,6 +306,65 @@ def assert_as_close_as(actual: torch.Tensor, float32_reference: torch.Tensor, ex
 
 
 @needs_compiler
+def test_causal_attention_dropout_drops_probabilities_by_seed_and_its_gradient_follows() -> None:
+    library = causal_library()
+    batch, heads, n, dim, p, seed = 2, 3, 24, 32, 0.3, 1234
+    # The kept factors, read off: with q = k = 0 each query's probabilities are 1 / (i + 1) over keys 0..i, and
+    # with v the identity the output row is those probabilities times the factors.
+    probe = torch.zeros(3, batch, heads, n, dim)
+    probe[2] = torch.eye(n, dim)
+    factors = native.causal_attention(library, probe, p, seed)[0][..., :n] * torch.arange(1, n + 1)[:, None]
+    kept = factors[..., torch.ones(n, n, dtype=torch.bool).tril()]
+    assert torch.allclose(factors.triu(1), torch.zeros(())), "keys after the query must have no weight"
+    assert torch.all(torch.isclose(kept, torch.zeros(())) | torch.isclose(kept, torch.tensor(1 / (1 - p))))
+    assert abs(kept.bool().float().mean().item() - (1 - p)) < 0.05  # 1,800 draws: 3.3 sigma
+    other_seed = native.causal_attention(library, probe, p, seed + 1)[0][..., :n] * torch.arange(1, n + 1)[:, None]
+    assert not torch.allclose(other_seed, factors)
+
+    # Random q, k, v with the same seed: the float64 formula with those factors, forward and backward.
+    generator = torch.Generator().manual_seed(0)
+    qkv = torch.randn(batch, n, 3, heads, dim, generator=generator).permute(2, 0, 3, 1, 4)
+    grad = torch.randn(batch, heads, n, dim, generator=generator)
+    exact = qkv.detach().double().requires_grad_()
+    q, k, v = exact.unbind(0)
+    scores = (q @ k.transpose(-1, -2) / dim**0.5).masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), -math.inf)
+    expected = (scores.softmax(-1) * factors.double()) @ v
+    expected.backward(grad.double())
+    assert exact.grad is not None
+    out, lse = native.causal_attention(library, qkv, p, seed)
+    torch.testing.assert_close(out, expected.float(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse, scores.logsumexp(-1).float(), rtol=1e-5, atol=1e-5)
+    grad_qkv = native.causal_attention_backward(library, qkv, out, lse, grad, p, seed)
+    torch.testing.assert_close(grad_qkv, exact.grad.float(), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match=r"expected a dropout probability in \[0, 1\), got 1.0"):
+        native.causal_attention(library, qkv, 1.0, seed)
+
+
+@needs_compiler
+def test_a_model_with_attention_dropout_trains_on_the_kernels_reproducibly(monkeypatch: pytest.MonkeyPatch) -> None:
+    causal_library()
+    config = DALLEConfig(
+        num_text_tokens=30, text_seq_len=7, num_image_tokens=16, image_fmap_size=4, dim=32, depth=2, heads=2,
+        dim_head=16, attn_dropout=0.2,
+    )  # fmt: skip
+    generator = torch.Generator().manual_seed(1)
+    text, image = torch.randint(1, 30, (2, 7), generator=generator), torch.randint(0, 16, (2, 16), generator=generator)
+
+    def step() -> tuple[torch.Tensor, list[torch.Tensor]]:
+        torch.manual_seed(0)  # the model's weights and the dropout seeds
+        model = DALLE(config).train()
+        loss = model.loss(text, image).loss
+        loss.backward()
+        return loss.detach(), [p.grad for p in model.parameters() if p.grad is not None]
+
+    calls = counted_calls(monkeypatch, "causal_attention_backward")
+    loss, grads = step()
+    assert len(calls) == config.depth and torch.isfinite(loss)
+    again_loss, again_grads = step()
+    assert torch.equal(loss, again_loss) and all(map(torch.equal, grads, again_grads))
+
+
+@needs_compiler
 @pytest.mark.parametrize("option", ["plain", "rotary_emb", "reversible", "gradient_checkpointing"])
 def test_a_model_trains_alike_with_and_without_the_causal_attention_kernels(
     monkeypatch: pytest.MonkeyPatch, option: str

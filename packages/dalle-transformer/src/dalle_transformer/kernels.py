@@ -46,31 +46,34 @@ def attend_dense(
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
 
 
-def attend_causal(qkv: torch.Tensor) -> torch.Tensor | None:
+def attend_causal(qkv: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor | None:
     """Causal attention over ``q, k, v = qkv`` (``[3, B, H, n, D]``), what ``attend_efficient`` computes for the
-    ``full`` pattern without dropout, in the native library's kernels (with autograd); None where they do not take
-    ``qkv`` (not built, another CPU or dtype, under ``torch.compile``)."""
+    ``full`` pattern, in the native library's kernels (with autograd); None where they do not take ``qkv`` (not built,
+    another CPU or dtype, under ``torch.compile``). Dropout draws its seed from PyTorch's default generator (the kept
+    probabilities differ from SDPA's)."""
     library = native.library_for(qkv)
     if library is None or not native.causal_attention_runs(library) or not native.causal_attention_takes(qkv):
         return None
+    seed = int(torch.randint(2**32, (), dtype=torch.int64)) if dropout_p > 0.0 else 0
     if torch.is_grad_enabled() and qkv.requires_grad:
-        return cast(torch.Tensor, _CausalAttention.apply(qkv, library))
-    return native.causal_attention(library, qkv)[0]
+        return cast(torch.Tensor, _CausalAttention.apply(qkv, library, dropout_p, seed))
+    return native.causal_attention(library, qkv, dropout_p, seed)[0]
 
 
 class _CausalAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, qkv: torch.Tensor, library: Any) -> torch.Tensor:
-        out, lse = native.causal_attention(library, qkv)
-        ctx.library = library
+    def forward(ctx: Any, qkv: torch.Tensor, library: Any, dropout_p: float, seed: int) -> torch.Tensor:
+        out, lse = native.causal_attention(library, qkv, dropout_p, seed)
+        ctx.library, ctx.dropout_p, ctx.seed = library, dropout_p, seed
         ctx.save_for_backward(qkv, out, lse)
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         qkv, out, lse = ctx.saved_tensors
-        return native.causal_attention_backward(ctx.library, qkv, out, lse, grad), None
+        grad_qkv = native.causal_attention_backward(ctx.library, qkv, out, lse, grad, ctx.dropout_p, ctx.seed)
+        return grad_qkv, None, None, None
 
 
 def attend_efficient(

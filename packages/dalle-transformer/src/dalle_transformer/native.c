@@ -375,6 +375,37 @@ INLINE float exp_shifted(float* row, int64_t last, int64_t width, float shift) {
   return sum;
 }
 
+/* Dropout of the probabilities without a stored mask: probability (i, j) of a head is kept when a hash of its
+   index, base + j with base = hash(seed, head) + i n (unique while n < 65536), is at least threshold = p 2^32,
+   and then scaled by 1 / (1 - p); the backward hashes the same indices, so it drops the same probabilities. */
+typedef uint32_t uints __attribute__((vector_size(4 * LANES)));
+
+#define MIX32(x)        \
+  do {                  \
+    x ^= x >> 16;       \
+    x *= 0x7feb352dU;   \
+    x ^= x >> 15;       \
+    x *= 0x846ca68bU;   \
+    x ^= x >> 16;       \
+  } while (0)
+
+INLINE uint32_t mix32(uint32_t x) {
+  MIX32(x);
+  return x;
+}
+
+/* The factors (1 / (1 - p) or 0) of the LANES probabilities at columns j.. of the row whose hashes start at base. */
+INLINE floats kept_lanes(uint32_t base, int64_t j, uint32_t threshold, float scale) {
+  uints x = (uints){0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15} + (base + (uint32_t)j);
+  MIX32(x);
+  ints kept = (ints)(x >= threshold);
+  return (floats)(kept & (ints)broadcast(scale));
+}
+
+INLINE float kept(uint32_t base, int64_t j, uint32_t threshold, float scale) {
+  return mix32(base + (uint32_t)j) >= threshold ? scale : 0.0f;
+}
+
 /* dst [rows_padded, dim_padded] = src [rows, dim] (rows src_row apart) times scale, zeros in the padding. */
 static void copy_padded(float* restrict dst, const float* restrict src, int64_t src_row, int64_t rows, int64_t dim,
                         int64_t rows_padded, int64_t dim_padded, float scale) {
@@ -420,6 +451,8 @@ typedef struct {
   int64_t grad_qkv_row, n, dim;
   float scale;
   float* scratch;
+  uint32_t dropped_below, head_hash; /* dropout: p 2^32 (0 for none), and hash(seed, head) */
+  float kept_scale;                  /* 1 / (1 - p) */
 } head_task;
 
 static int64_t forward_scratch(int64_t n, int64_t dim) {
@@ -446,6 +479,11 @@ WIDE static void forward_head(const head_task* task) {
       float sum = exp_shifted(row, first + r, width, best), inverse = 1.0f / sum;
       for (int64_t j = 0; j <= first + r; j++) row[j] *= inverse;
       task->lse[first + r] = best + logf(sum);
+      if (task->dropped_below) {
+        uint32_t base = task->head_hash + (uint32_t)((first + r) * n);
+        for (int64_t j = 0; j < width; j += LANES)
+          store(row + j, load(row + j) * kept_lanes(base, j, task->dropped_below, task->kept_scale));
+      }
     }
     product(o, dp, scores, np, 1, vp, dp, rows, dp, width, first, LIMIT_DEPTH, 0);
     copy_unpadded(task->out + first * task->out_row, task->out_row, o, rows, dim, dp, 1.0f);
@@ -479,8 +517,23 @@ WIDE static void backward_head(const head_task* task) {
       float *p = probs + r * np, *g = gs + r * np;
       exp_shifted(p, last, width, task->lse[last]);
       floats d = broadcast(delta[last]);
-      for (; j + LANES <= last + 1; j += LANES) store(g + j, load(p + j) * (load(g + j) - d));
-      for (; j <= last; j++) g[j] = p[j] * (g[j] - delta[last]);
+      if (task->dropped_below) { /* dP is (grad V^T) times the factors; grad_v's product takes the dropped P */
+        uint32_t base = task->head_hash + (uint32_t)(last * n), below = task->dropped_below;
+        float kept_scale = task->kept_scale;
+        for (; j + LANES <= last + 1; j += LANES) {
+          floats factors = kept_lanes(base, j, below, kept_scale), pj = load(p + j);
+          store(g + j, pj * (load(g + j) * factors - d));
+          store(p + j, pj * factors);
+        }
+        for (; j <= last; j++) {
+          float factor = kept(base, j, below, kept_scale);
+          g[j] = p[j] * (g[j] * factor - delta[last]);
+          p[j] *= factor;
+        }
+      } else {
+        for (; j + LANES <= last + 1; j += LANES) store(g + j, load(p + j) * (load(g + j) - d));
+        for (; j <= last; j++) g[j] = p[j] * (g[j] - delta[last]);
+      }
       for (; j < width; j++) g[j] = 0.0f;
     }
     product(gv, dp, probs, 1, np, gp + first * dp, dp, width, dp, rows, 0, LIMIT_NONE, 1);
@@ -517,6 +570,7 @@ static int each_head(head_task shared, int64_t batch, int64_t heads, const int64
       task.out = shared.out + b * out_strides[0] + h * out_strides[1];
       task.lse = shared.lse + i * shared.n;
       task.scratch = scratch;
+      task.head_hash = mix32(shared.head_hash ^ mix32((uint32_t)i)); /* shared.head_hash: the seed */
       if (backward) {
         task.grad = shared.grad + b * out_strides[0] + h * out_strides[1];
         task.grad_q = shared.grad_q + b * grad_strides[1] + h * grad_strides[2];
@@ -532,25 +586,35 @@ static int each_head(head_task shared, int64_t batch, int64_t heads, const int64
   return failed;
 }
 
+/* Dropout with probability 0 <= dropout < 1 (0: none) from seed. */
+static void with_dropout(head_task* shared, float dropout, uint32_t seed) {
+  shared->dropped_below = (uint32_t)((double)dropout * 4294967296.0);
+  shared->kept_scale = 1.0f / (1.0f - dropout);
+  shared->head_hash = seed;
+}
+
 /* qkv: q, k, v [batch, heads, n, dim] at qkv + (0, 1, 2) * qkv_strides[0], each with strides (qkv_strides[1..3], 1);
-   out [batch, heads, n, dim] with strides (out_strides[0..2], 1); lse contiguous [batch, heads, n]. Returns as
-   each_head. */
+   out [batch, heads, n, dim] with strides (out_strides[0..2], 1); lse contiguous [batch, heads, n]; the
+   probabilities dropped with probability dropout (0 <= dropout < 1), drawn from seed. Returns as each_head. */
 int dalle_causal_attention(const float* qkv, float* out, float* lse, int64_t batch, int64_t heads, int64_t n,
                            int64_t dim, const int64_t* qkv_strides, const int64_t* out_strides, float scale,
-                           int threads) {
+                           float dropout, uint32_t seed, int threads) {
   head_task shared = {.q = qkv, .qkv_row = qkv_strides[3], .out = out, .out_row = out_strides[2], .lse = lse,
                       .n = n, .dim = dim, .scale = scale};
+  with_dropout(&shared, dropout, seed);
   return each_head(shared, batch, heads, qkv_strides, out_strides, NULL, 0, threads);
 }
 
 /* The gradients for grad (the loss's gradient for out, in out's strides), written into grad_qkv (as qkv, with
-   strides grad_strides). lse: the forward's. */
+   strides grad_strides). lse, dropout, seed: the forward's. */
 int dalle_causal_attention_backward(const float* qkv, const float* out, const float* grad, const float* lse,
                                     float* grad_qkv, int64_t batch, int64_t heads, int64_t n, int64_t dim,
                                     const int64_t* qkv_strides, const int64_t* out_strides,
-                                    const int64_t* grad_strides, float scale, int threads) {
+                                    const int64_t* grad_strides, float scale, float dropout, uint32_t seed,
+                                    int threads) {
   head_task shared = {.q = qkv, .qkv_row = qkv_strides[3], .out = (float*)out, .grad = grad,
                       .out_row = out_strides[2], .lse = (float*)lse, .grad_q = grad_qkv,
                       .grad_qkv_row = grad_strides[3], .n = n, .dim = dim, .scale = scale};
+  with_dropout(&shared, dropout, seed);
   return each_head(shared, batch, heads, qkv_strides, out_strides, grad_strides, 1, threads);
 }
