@@ -181,6 +181,13 @@ def bench_few_rows(session: nox.Session) -> None:
 
 
 @nox.session(default=False)
+def bench_attention(session: nox.Session) -> None:
+    """CPU causal attention, SDPA against the native kernels (benchmarks/attention_kernels.py). Not a test."""
+    sync(session, "--package", "dalle-transformer")
+    session.run("python", "benchmarks/attention_kernels.py", *session.posargs)
+
+
+@nox.session(default=False)
 def bench_peer(session: nox.Session) -> None:
     """Ours beside DALLE-pytorch 1.6.6 in the same run (its own virtualenv); ratios in docs/benchmarks.md."""
     session.install(f"torch=={locked_version('torch')}", *PEER_DEPENDENCIES)
