@@ -477,9 +477,8 @@ def causal_attention_backward(
     seed: int = 0,
 ) -> torch.Tensor:
     """The gradient for ``qkv`` of :func:`causal_attention`'s ``out`` (with its ``lse``, ``dropout`` and ``seed``) for
-    ``grad``, the loss's
-    gradient for ``out``: ``[3, B, H, n, D]``, a view of a contiguous ``[B, n, 3, H, D]`` (the layout of the QKV
-    projection's output, whose gradient it then is without a copy)."""
+    ``grad``, the loss's gradient for ``out``: ``[3, B, H, n, D]``, a view of a contiguous ``[B, n, 3, H, D]`` (the
+    layout of the QKV projection's output, whose gradient it then is without a copy)."""
     _, batch, heads, n, dim = qkv.shape
     if grad.stride() != out.stride():
         grad = torch.empty_like(out).copy_(grad)  # empty_like keeps out's strides
