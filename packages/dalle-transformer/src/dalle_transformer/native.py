@@ -255,6 +255,17 @@ def fallback_note(device: torch.device | str, work: str) -> str | None:
     return None if reason is None else f"{work} runs PyTorch's operators instead of its C kernels, slower: {reason}"
 
 
+def _plain_cpu_float32(t: torch.Tensor) -> bool:
+    """A float32 CPU tensor of PyTorch's own class (no subclass dispatching its operations elsewhere), outside
+    ``torch.compile``'s tracing: what every kernel here takes."""
+    return (
+        type(t) is torch.Tensor
+        and t.device.type == "cpu"
+        and t.dtype == torch.float32
+        and not torch.compiler.is_compiling()
+    )
+
+
 def decode_attention_takes(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> bool:
     """Whether :func:`decode_attention` computes this attention: float32 CPU tensors without autograd, one query
     per row and head, last dims contiguous, ``dim_head <= MAX_DIM``, outside ``torch.compile``'s tracing."""
@@ -310,15 +321,12 @@ def sample_rows_takes(logits: torch.Tensor, top_k: int | None, temperature: floa
     """Whether :func:`sample_rows` draws from these logits: a float32 CPU ``[rows, vocab]`` tensor with a contiguous
     last dim (and a vocabulary), ``top_k`` None or >= 1, a finite temperature > 0, outside ``torch.compile``."""
     return (
-        type(logits) is torch.Tensor
-        and logits.device.type == "cpu"
-        and logits.dtype == torch.float32
+        _plain_cpu_float32(logits)
         and logits.dim() == 2
         and logits.shape[1] > 0
         and logits.stride(1) == 1
         and (top_k is None or top_k >= 1)
         and 0.0 < temperature < float("inf")
-        and not torch.compiler.is_compiling()
     )
 
 
@@ -356,16 +364,7 @@ def sample_rows(
 def geglu_takes(h: torch.Tensor) -> bool:
     """Whether :func:`geglu` and :func:`geglu_backward` take ``h``: a contiguous float32 CPU tensor whose last dim is
     even and not empty, outside ``torch.compile``'s tracing."""
-    return (
-        type(h) is torch.Tensor
-        and h.device.type == "cpu"
-        and h.dtype == torch.float32
-        and h.dim() >= 1
-        and h.shape[-1] > 0
-        and h.shape[-1] % 2 == 0
-        and h.is_contiguous()
-        and not torch.compiler.is_compiling()
-    )
+    return _plain_cpu_float32(h) and h.dim() >= 1 and h.shape[-1] > 0 and h.shape[-1] % 2 == 0 and h.is_contiguous()
 
 
 def geglu(library: ctypes.CDLL, h: torch.Tensor) -> torch.Tensor:
@@ -393,14 +392,7 @@ def geglu_backward(library: ctypes.CDLL, h: torch.Tensor, grad: torch.Tensor) ->
 def transpose_takes(x: torch.Tensor) -> bool:
     """Whether :func:`transposed` copies ``x``: a 2-D float32 CPU tensor whose rows are contiguous, outside
     ``torch.compile``'s tracing."""
-    return (
-        type(x) is torch.Tensor
-        and x.device.type == "cpu"
-        and x.dtype == torch.float32
-        and x.dim() == 2
-        and x.stride(1) == 1
-        and not torch.compiler.is_compiling()
-    )
+    return _plain_cpu_float32(x) and x.dim() == 2 and x.stride(1) == 1
 
 
 def transposed(library: ctypes.CDLL, x: torch.Tensor) -> torch.Tensor:
@@ -422,15 +414,12 @@ def causal_attention_takes(qkv: torch.Tensor) -> bool:
     """Whether :func:`causal_attention` computes attention over ``qkv``: a float32 CPU ``[3, B, H, n, D]`` tensor
     (``n >= 1``, ``1 <= D <= MAX_DIM``) whose last dim is contiguous, outside ``torch.compile``'s tracing."""
     return (
-        type(qkv) is torch.Tensor
-        and qkv.device.type == "cpu"
-        and qkv.dtype == torch.float32
+        _plain_cpu_float32(qkv)
         and qkv.dim() == 5
         and qkv.shape[0] == 3
         and qkv.shape[3] >= 1
         and 1 <= qkv.shape[4] <= MAX_DIM
         and qkv.stride(4) == 1
-        and not torch.compiler.is_compiling()
     )
 
 
