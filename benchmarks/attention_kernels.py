@@ -51,7 +51,7 @@ def timings(batch: int, heads: int, n: int, dim: int, dropout: float, use_kernel
 
 def main() -> None:
     library = native.default_library()
-    if library is None or not native.causal_attention_runs(library):
+    if library is None or not native.wide_kernels_run(library):
         reason = native.unavailable_reason() or "this CPU is not x86-64-v4 (AVX-512)"
         sys.exit(f"the native causal attention does not run here: {reason}")
     facts = machine()

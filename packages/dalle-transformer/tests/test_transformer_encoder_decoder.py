@@ -14,7 +14,7 @@ from transformer_naive import gelu, layer_norm, naive_allowed
 
 from dalle_core.errors import ConfigError
 from dalle_transformer import DALLE, DALLEConfig, EncoderDecoderDALLE
-from dalle_transformer.linear import ONEDNN_IS_FASTER
+from dalle_transformer.linear import ONEDNN_IS_FASTER, native_streaming_library
 
 CONFIG = DALLEConfig(
     num_text_tokens=20,
@@ -193,11 +193,11 @@ def test_prefill_and_decode_steps_match_full_forward(ff_mult: int) -> None:
         full = model(TEXT, image).image_logits
         cache = model.new_cache(3)
         steps = [model.prefill(TEXT, cache, image_prefix=image[:, :2])]
-        # Copied: the wide weights in column blocks, or every weight in oneDNN's layout where that is faster.
+        # Copied: the wide weights in column blocks, or every weight in the native library's or oneDNN's layout
+        # where those are faster.
         assert cache.layer_weights is not None
-        assert all(
-            (layer.ff_out.prepared is not None) == (ff_mult == 64 or ONEDNN_IS_FASTER) for layer in cache.layer_weights
-        )
+        copied = ff_mult == 64 or ONEDNN_IS_FASTER or native_streaming_library() is not None
+        assert all((layer.ff_out.prepared is not None) == copied for layer in cache.layer_weights)
         for k in range(2, CONFIG.image_seq_len - 1):
             steps.append(model.decode_step(image[:, k], cache))
     torch.testing.assert_close(torch.stack(steps, dim=1), full[:, 2:], atol=1e-5, rtol=1e-5)

@@ -10,7 +10,7 @@ import torch
 
 from dalle_transformer.decoding_weights import ProjectionCopies
 from dalle_transformer.layers import FeedForward, geglu
-from dalle_transformer.linear import ONEDNN_IS_FASTER
+from dalle_transformer.linear import ONEDNN_IS_FASTER, StreamedWeight, native_streaming_library
 
 
 def naive_geglu(h: torch.Tensor) -> torch.Tensor:
@@ -83,8 +83,11 @@ def test_one_position_matches_forward(activation, rows, dim, packed):
         expected = ff.net.double()(x.double())
         ff.float()
         first, last = (ProjectionCopies(rows, packed=packed, copies=True)(layer) for layer in ff.projections)
-        if packed and ONEDNN_IS_FASTER:  # both weights in oneDNN's layout
-            assert first.prepared is not None and last.prepared is not None and last.prepared.is_mkldnn
+        if packed and native_streaming_library() is not None:  # both weights in the native library's blocks
+            assert isinstance(first.prepared, StreamedWeight) and isinstance(last.prepared, StreamedWeight)
+        elif packed and ONEDNN_IS_FASTER:  # both weights in oneDNN's layout
+            assert isinstance(first.prepared, torch.Tensor) and isinstance(last.prepared, torch.Tensor)
+            assert last.prepared.is_mkldnn
         else:  # the blocked product is exercised too
             assert first.prepared is None and (last.prepared is not None) == (4 * dim > 1024 and rows > 1)
         got = ff.one_position(x, first, last)

@@ -12,7 +12,7 @@ from dalle_core.errors import ShapeError
 from dalle_transformer import DALLE, DALLEConfig
 from dalle_transformer.decoding_weights import DecodingWeights
 from dalle_transformer.generation import Sampler, sample_image_ids
-from dalle_transformer.linear import ONEDNN_IS_FASTER
+from dalle_transformer.linear import ONEDNN_IS_FASTER, StreamedWeight, native_streaming_library
 from dalle_transformer.sampling import (
     filter_top_k,
     filter_top_p,
@@ -142,21 +142,31 @@ def test_decode_step_at_device_positions_matches_decode_step(options: dict) -> N
 PROJECTIONS = {"qkv", "out", "ff_in", "ff_out"}
 
 
-def _copies(layer: DecodingWeights) -> dict[str, torch.Tensor]:
+def _copies(layer: DecodingWeights) -> dict[str, torch.Tensor | StreamedWeight]:
     """A layer's few-row weight copies, by projection."""
     projections = {name: getattr(layer, name) for name in PROJECTIONS}
     return {name: p.prepared for name, p in projections.items() if p.prepared is not None}
 
 
-def _copied_values(copy: torch.Tensor) -> torch.Tensor:
-    """The ``[out, in]`` weight a few-row copy holds: oneDNN's blocked layout, or column blocks."""
+def _copied_values(copy: torch.Tensor | StreamedWeight) -> torch.Tensor:
+    """The ``[out, in]`` weight a few-row copy holds: the native library's blocks, oneDNN's blocked layout, or
+    column blocks."""
+    if isinstance(copy, StreamedWeight):
+        return copy.values()
     return copy.to_dense() if copy.is_mkldnn else copy.transpose(0, 1).flatten(1)
+
+
+def _copy_kind(copy: torch.Tensor | StreamedWeight) -> str:
+    if isinstance(copy, StreamedWeight):
+        return "streamed"
+    return "onednn" if copy.is_mkldnn else "column blocks"
 
 
 def test_projections_decode_through_copies_made_for_each_sequence() -> None:
     """Decoding copies the weights into the layout few-row products are fastest with when a sequence starts (once per
-    shared weight): on AVX-512 CPUs every projection in oneDNN's layout, elsewhere the wide ones in column blocks,
-    and column blocks for a compiled step. A sequence started after the weights change decodes with the new ones."""
+    shared weight): on AVX-512 CPUs every projection in the native library's blocks (oneDNN's layout without the
+    library), elsewhere the wide ones in column blocks, and column blocks for a compiled step. A sequence started
+    after the weights change decodes with the new ones."""
     model = random_model(std=0.05, **LAYER_OPTIONS["wide_feed_forward"])
     image = torch.randint(
         0, CONFIG.num_image_tokens, (3, CONFIG.image_seq_len), generator=torch.Generator().manual_seed(0)
@@ -166,13 +176,14 @@ def test_projections_decode_through_copies_made_for_each_sequence() -> None:
         model.prefill(TEXT, cache)
         assert cache.layer_weights is not None
         copies = [_copies(layer) for layer in cache.layer_weights]
-        assert [set(layer) for layer in copies] == [PROJECTIONS if ONEDNN_IS_FASTER else {"ff_out"}] * 3
-        assert all(copy.is_mkldnn == ONEDNN_IS_FASTER for layer in copies for copy in layer.values())
+        kind = "streamed" if native_streaming_library() else "onednn" if ONEDNN_IS_FASTER else "column blocks"
+        assert [set(layer) for layer in copies] == [PROJECTIONS if kind != "column blocks" else {"ff_out"}] * 3
+        assert all(_copy_kind(copy) == kind for layer in copies for copy in layer.values())
         assert copies[0]["ff_out"] is copies[1]["ff_out"] is not copies[2]["ff_out"]
         _, ff_out = model.blocks[2].ff.projections
         torch.testing.assert_close(_copied_values(copies[2]["ff_out"]), ff_out.weight)
-        # The image logits' projection too, where oneDNN's layout is faster (it is too narrow for column blocks).
-        assert cache.image_head is not None and (cache.image_head.prepared is not None) == ONEDNN_IS_FASTER
+        # The image logits' projection too, in those two layouts (it is too narrow for column blocks).
+        assert cache.image_head is not None and (cache.image_head.prepared is not None) == (kind != "column blocks")
         if cache.image_head.prepared is not None:
             image_rows = model.to_logits.weight[CONFIG.num_text_logits :]
             torch.testing.assert_close(_copied_values(cache.image_head.prepared), image_rows)
@@ -187,7 +198,7 @@ def test_projections_decode_through_copies_made_for_each_sequence() -> None:
         assert compiled_cache.layer_weights is not None
         compiled_copies = [_copies(layer) for layer in compiled_cache.layer_weights]
         assert [set(layer) for layer in compiled_copies] == [{"ff_out"}] * 3
-        assert not compiled_copies[0]["ff_out"].is_mkldnn
+        assert _copy_kind(compiled_copies[0]["ff_out"]) == "column blocks"
         torch.testing.assert_close(_copied_values(compiled_copies[2]["ff_out"]), ff_out.weight)
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # a failed compile falls back to eager steps with a warning: not here

@@ -1,19 +1,24 @@
-"""The linear layer's CPU paths (the few-row ``(W @ x^T)^T``, alone or over column blocks, and oneDNN's products,
-forward and backward) against a float64 ``x @ W^T + b`` computed independently."""
+"""The linear layer's CPU paths (the few-row ``(W @ x^T)^T``, alone or over column blocks, oneDNN's products forward
+and backward, and the native library's streamed product) against a float64 ``x @ W^T + b`` computed
+independently."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from dalle_transformer import native
 from dalle_transformer.linear import (
     BLOCKED_MAX_ROWS,
+    NATIVE_STREAMING_MAX_ROWS,
     ONEDNN_IS_FASTER,
     STREAMING_MAX_ROWS,
     Linear,
+    StreamedWeight,
     column_blocks,
     few_row_copy,
     linear,
+    native_streaming_library,
     onednn_linear,
     streaming_max_rows,
 )
@@ -184,14 +189,40 @@ def test_few_row_copies_give_the_matrix_product(rows, with_bias):
     weight = torch.randn(96, 2048, generator=generator)
     bias = torch.randn(96, generator=generator) if with_bias else None
     copy = few_row_copy(weight, rows)
-    if ONEDNN_IS_FASTER:  # oneDNN's blocked layout at any number of rows, holding the weight's values
-        assert copy is not None and copy.is_mkldnn
+    if native_streaming_library() is not None:  # the native library's blocks, holding the weight's values
+        assert isinstance(copy, StreamedWeight) and torch.equal(copy.values(), weight)
+    elif ONEDNN_IS_FASTER:  # oneDNN's blocked layout at any number of rows, holding the weight's values
+        assert isinstance(copy, torch.Tensor) and copy.is_mkldnn
         assert torch.equal(copy.to_dense(), weight)
     else:
         assert (copy is None) == (column_blocks(weight, rows) is None)
-    unpacked = few_row_copy(weight, rows, packed=False)  # for torch.compile: never oneDNN's opaque layout
-    assert unpacked is None or not unpacked.is_mkldnn
+    unpacked = few_row_copy(weight, rows, packed=False)  # for torch.compile: neither of those layouts
+    assert unpacked is None or (isinstance(unpacked, torch.Tensor) and not unpacked.is_mkldnn)
     with torch.no_grad():
         out = linear(x, weight, bias, copy)
     assert out.shape == (rows, 1, 96) and out.is_contiguous()
     torch.testing.assert_close(out, reference(x, weight, bias), atol=1e-3, rtol=1e-5)
+
+
+@pytest.mark.skipif(native_streaming_library() is None, reason="the native streamed product runs on AVX-512 CPUs")
+def test_streamed_copies_give_the_product_up_to_their_rows_and_the_standard_path_past_them(monkeypatch):
+    generator = torch.Generator().manual_seed(7)
+    weight = torch.randn(100, 37, generator=generator, requires_grad=True)  # one whole block of 64 and a part
+    bias = torch.randn(100, generator=generator, requires_grad=True)
+    copy = few_row_copy(weight, 4)
+    assert isinstance(copy, StreamedWeight) and copy.blocks.shape == (2, 37, 64)
+    assert not isinstance(few_row_copy(weight, NATIVE_STREAMING_MAX_ROWS + 1), StreamedWeight)
+    calls = []
+    product = native.stream_product
+    monkeypatch.setattr(native, "stream_product", lambda *args: calls.append(1) or product(*args))
+    for rows in (1, 5, NATIVE_STREAMING_MAX_ROWS, NATIVE_STREAMING_MAX_ROWS + 3):  # the last: the standard path
+        x = torch.randn(rows, 1, 37, generator=generator)
+        with torch.no_grad():
+            out = linear(x, weight, bias, copy)
+        assert out.shape == (rows, 1, 100) and out.is_contiguous()
+        torch.testing.assert_close(out, reference(x, weight, bias), atol=1e-4, rtol=1e-5)
+    assert len(calls) == 3
+    x = torch.randn(3, 37, generator=generator, requires_grad=True)
+    linear(x, weight, bias, copy).sum().backward()  # with autograd: the weight as stored, gradients flowing
+    assert len(calls) == 3 and x.grad is not None and bias.grad is not None
+    torch.testing.assert_close(weight.grad, x.detach().sum(0).expand(100, 37))

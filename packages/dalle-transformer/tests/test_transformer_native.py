@@ -20,6 +20,7 @@ from dalle_transformer import DALLE, DALLEConfig, native
 from dalle_transformer.kernels import attend_decode
 from dalle_transformer.layers import FeedForward
 from dalle_transformer.linear import onednn_linear
+from dalle_transformer.loss import cross_entropy
 from dalle_transformer.masks import AttentionPattern
 from dalle_transformer.sampling import sample_logits
 
@@ -229,7 +230,7 @@ def assert_alike_without_the_kernels(
 
 
 @needs_compiler
-@pytest.mark.parametrize(("rows", "cols"), [(1, 1), (5, 3), (31, 33), (64, 32), (130, 257)])
+@pytest.mark.parametrize(("rows", "cols"), [(1, 1), (5, 3), (31, 33), (64, 32), (130, 257), (48, 1024)])
 def test_transposed_copies_rows_into_columns_exactly(rows: int, cols: int) -> None:
     library = native.default_library()
     assert library is not None
@@ -263,13 +264,110 @@ def test_linear_gradients_are_the_same_with_and_without_the_kernels(
         assert torch.equal(grad, reference)
 
 
-def causal_library() -> ctypes.CDLL:
-    """The library, on a CPU its causal attention runs on (the test is skipped elsewhere)."""
+def wide_library() -> ctypes.CDLL:
+    """The library, on a CPU its AVX-512 kernels (causal attention, streamed products) run on (the test is skipped
+    elsewhere)."""
     library = native.default_library()
     assert library is not None, native.unavailable_reason()
-    if not native.causal_attention_runs(library):
-        pytest.skip("the causal attention kernels run on x86-64-v4 (AVX-512) CPUs only")
+    if not native.wide_kernels_run(library):
+        pytest.skip("the causal attention and streamed product kernels run on x86-64-v4 (AVX-512) CPUs only")
     return library
+
+
+@needs_compiler
+@pytest.mark.parametrize(("out_features", "in_features"), [(1, 1), (63, 37), (64, 16), (65, 512), (200, 2048)])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_the_streamed_product_matches_float64_at_every_row_count(
+    out_features: int, in_features: int, with_bias: bool
+) -> None:
+    # Blocks of 64 features whole and in part, rows in groups of 4 whole and in part, x's rows further apart.
+    library = wide_library()
+    generator = torch.Generator().manual_seed(out_features)
+    weight = torch.randn(out_features, in_features, generator=generator)
+    bias = torch.randn(out_features, generator=generator) if with_bias else None
+    blocks = native.stream_blocks(weight)
+    assert blocks.shape == (-(-out_features // 64), in_features, 64) and blocks.is_contiguous()
+    for rows in (1, 2, 3, 4, 5, 9):
+        x = torch.randn(rows, in_features + 3, generator=generator)[:, 2 : 2 + in_features]
+        out = native.stream_product(library, x, blocks, out_features, bias)
+        exact = x.double() @ weight.double().T + (0.0 if bias is None else bias.double())
+        assert out.shape == (rows, out_features) and out.is_contiguous()
+        torch.testing.assert_close(out.double(), exact, rtol=0, atol=2e-6 * in_features**0.5 * 4)
+    with pytest.raises(ShapeError, match=r"stream_product: expected a bias \[" + str(out_features)):
+        native.stream_product(library, x, blocks, out_features, torch.zeros(out_features + 1))
+
+
+@needs_compiler
+@pytest.mark.parametrize(("rows", "vocab"), [(1, 1), (5, 15), (7, 16), (9, 17), (64, 10032), (12, 1024)])
+def test_cross_entropy_and_its_gradient_match_float64(rows: int, vocab: int) -> None:
+    # Vocabularies a vector wide, less and more; logits spread over hundreds (the exponential's clamp), one -inf.
+    generator = torch.Generator().manual_seed(vocab)
+    logits = torch.randn(rows, vocab, generator=generator) * 40.0
+    logits[0, -1] = -float("inf") if vocab > 1 else logits[0, -1]
+    targets = torch.randint(0, vocab, (rows,), generator=generator)
+    targets[0] = 0
+    exact = logits.double().requires_grad_()
+    F.cross_entropy(exact, targets).backward()
+    single = logits.clone().requires_grad_()
+    F.cross_entropy(single, targets).backward()  # PyTorch's own float32 errors, the bound for the kernel's
+    assert single.grad is not None and exact.grad is not None
+    library = native.default_library()
+    assert library is not None
+    grad = torch.empty_like(logits)
+    losses = native.cross_entropy(library, logits, targets, grad)
+    assert losses is not None and losses.shape == (rows,)
+    exact_losses = F.cross_entropy(logits.double(), targets, reduction="none")
+    torch_loss_error = (F.cross_entropy(logits, targets, reduction="none").double() - exact_losses).abs().max()
+    assert (losses.double() - exact_losses).abs().max() <= 2 * torch_loss_error + 1e-5
+    # The kernel's gradient is of each row's loss; the mean's is that over rows.
+    torch_grad_error = (single.grad.double() - exact.grad).abs().max()
+    assert (grad.double() / rows - exact.grad).abs().max() <= 2 * torch_grad_error + 1e-8
+    assert grad[0, -1] == 0.0 or vocab == 1  # a -inf logit: probability 0, exactly
+    without_grad = native.cross_entropy(library, logits, targets)
+    assert without_grad is not None and torch.equal(without_grad, losses)
+
+
+@needs_compiler
+def test_cross_entropy_leaves_targets_outside_the_vocabulary_to_pytorch() -> None:
+    logits = torch.randn(3, 10, requires_grad=True)
+    library = native.default_library()
+    assert library is not None
+    for outside in (10, -1, -100):
+        targets = torch.tensor([1, outside, 2])
+        assert native.cross_entropy(library, logits.detach(), targets) is None  # nothing computed
+    # Through the model's loss function: PyTorch's error for a target past the vocabulary, and its ignore_index.
+    with pytest.raises(IndexError):
+        cross_entropy(logits, torch.tensor([1, 10, 2]))
+    torch.testing.assert_close(
+        cross_entropy(logits, torch.tensor([1, -100, 2])), F.cross_entropy(logits, torch.tensor([1, -100, 2]))
+    )
+    nan_logits = torch.randn(2, 20)
+    nan_logits[1, 3] = float("nan")
+    assert cross_entropy(nan_logits, torch.tensor([0, 1])).isnan()  # as F.cross_entropy
+
+
+@needs_compiler
+def test_a_model_computes_its_losses_in_the_kernel_and_trains_alike_without_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    config = DALLEConfig(
+        num_text_tokens=30, text_seq_len=7, num_image_tokens=16, image_fmap_size=4, dim=32, depth=2, heads=2,
+        dim_head=16, loss_img_weight=3,
+    )  # fmt: skip
+    generator = torch.Generator().manual_seed(2)
+    text, image = torch.randint(1, 30, (3, 7), generator=generator), torch.randint(0, 16, (3, 16), generator=generator)
+
+    def step() -> tuple[torch.Tensor, list[torch.Tensor]]:
+        torch.manual_seed(0)
+        model = DALLE(config).train()
+        output = model(text, image)
+        output.loss.backward()
+        exact = F.cross_entropy(output.text_logits.detach().double().flatten(0, 1), model.prepare_text(text).flatten())
+        torch.testing.assert_close(output.text_loss.double(), exact)
+        return output.loss.detach(), [p.grad for p in model.parameters() if p.grad is not None]
+
+    calls = counted_calls(monkeypatch, "cross_entropy")
+    with_kernels = step()
+    assert len(calls) == 2  # the text loss and the image loss
+    assert_alike_without_the_kernels(monkeypatch, step, with_kernels)
 
 
 @needs_compiler
@@ -284,7 +382,7 @@ def test_causal_attention_and_its_gradient_match_float64_sdpa(
 ) -> None:
     # Sequences across the kernel's blocks of 32 keys and 64 queries and its rows of 6, head widths that are not
     # whole vectors, and (magnitude 6) scores in the hundreds, where a softmax without its row maximum overflows.
-    library = causal_library()
+    library = wide_library()
     generator = torch.Generator().manual_seed(n * dim)
     if layout == "projection":  # as the attention layer makes it: a view of the QKV projection's [B, n, 3, H, D]
         qkv = torch.randn(batch, n, 3, heads, dim, generator=generator).permute(2, 0, 3, 1, 4) * magnitude
@@ -318,7 +416,7 @@ def assert_as_close_as(actual: torch.Tensor, float32_reference: torch.Tensor, ex
 
 @needs_compiler
 def test_causal_attention_dropout_drops_probabilities_by_seed_and_its_gradient_follows() -> None:
-    library = causal_library()
+    library = wide_library()
     batch, heads, n, dim, p, seed = 2, 3, 24, 32, 0.3, 1234
     # The kept factors, read off: with q = k = 0 each query's probabilities are 1 / (i + 1) over keys 0..i, and
     # with v the identity the output row is those probabilities times the factors.
@@ -353,7 +451,7 @@ def test_causal_attention_dropout_drops_probabilities_by_seed_and_its_gradient_f
 
 @needs_compiler
 def test_a_model_with_attention_dropout_trains_on_the_kernels_reproducibly(monkeypatch: pytest.MonkeyPatch) -> None:
-    causal_library()
+    wide_library()
     config = DALLEConfig(
         num_text_tokens=30, text_seq_len=7, num_image_tokens=16, image_fmap_size=4, dim=32, depth=2, heads=2,
         dim_head=16, attn_dropout=0.2,
@@ -380,7 +478,7 @@ def test_a_model_with_attention_dropout_trains_on_the_kernels_reproducibly(monke
 def test_a_model_trains_alike_with_and_without_the_causal_attention_kernels(
     monkeypatch: pytest.MonkeyPatch, option: str
 ) -> None:
-    causal_library()
+    wide_library()
     config = DALLEConfig(
         num_text_tokens=30, text_seq_len=7, num_image_tokens=16, image_fmap_size=5, dim=48, depth=3, heads=3,
         dim_head=16, attn_types=("full", "axial_row"), **({} if option == "plain" else {option: True}),
@@ -409,7 +507,7 @@ def test_a_model_trains_alike_with_and_without_the_causal_attention_kernels(
 @needs_compiler
 def test_text_only_passes_of_other_patterns_use_the_causal_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
     # Text queries attend causally in every pattern, so a pass over text alone is full attention in axial layers too.
-    causal_library()
+    wide_library()
     config = DALLEConfig(
         num_text_tokens=30, text_seq_len=7, num_image_tokens=16, image_fmap_size=4, dim=32, depth=2, heads=2,
         dim_head=16, attn_types=("axial_row", "conv_like"),

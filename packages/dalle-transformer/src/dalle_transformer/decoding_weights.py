@@ -16,7 +16,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from dalle_transformer.linear import few_row_copy, linear
+from dalle_transformer.linear import StreamedWeight, few_row_copy, linear
 
 
 class Projection(NamedTuple):
@@ -24,7 +24,7 @@ class Projection(NamedTuple):
 
     weight: torch.Tensor
     bias: torch.Tensor | None
-    prepared: torch.Tensor | None
+    prepared: torch.Tensor | StreamedWeight | None
 
 
 class Norm(NamedTuple):
@@ -71,7 +71,8 @@ class ProjectionCopies:
 
     def __init__(self, rows: int, *, packed: bool, copies: bool) -> None:
         self.rows, self.packed, self.copies = rows, packed, copies
-        self._made: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}  # by id: each weight and its copy
+        # By id: each weight and its copy.
+        self._made: dict[int, tuple[torch.Tensor, torch.Tensor | StreamedWeight | None]] = {}
 
     def __call__(self, layer: nn.Linear) -> Projection:
         return self.of(layer.weight, layer.bias)

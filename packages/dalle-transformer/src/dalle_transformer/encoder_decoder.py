@@ -29,7 +29,6 @@ from collections.abc import Callable
 from typing import NamedTuple, cast
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -39,8 +38,9 @@ from dalle_transformer.cache import KVCache
 from dalle_transformer.config import DALLEConfig
 from dalle_transformer.cross_attention import MemoryAttention, ResidualBranch
 from dalle_transformer.layers import Block, FeedForward
+from dalle_transformer.loss import cross_entropy
 from dalle_transformer.masks import AttentionPattern, layer_patterns
-from dalle_transformer.model import DALLE, DALLEOutput, _upcast
+from dalle_transformer.model import DALLE, DALLEOutput
 
 
 class EncoderMemory(NamedTuple):
@@ -228,7 +228,7 @@ class EncoderDecoderDALLE(DALLE):
             text = torch.where(dropped[:, None], self.null_text(text.shape[0]), text)
         hidden = self._decode(self._decoder_input(image[:, :-1], 0), self.encoder_memory(text))
         image_logits = self._image_logits(hidden)
-        image_loss = F.cross_entropy(_upcast(image_logits).flatten(0, 1), image.flatten())
+        image_loss = cross_entropy(image_logits, image)
         text_logits = image_logits.new_zeros(text.shape[0], 0, self.config.num_text_logits)
         return DALLEOutput(text_logits, image_logits, image_loss, image_loss.new_zeros(()), image_loss)
 

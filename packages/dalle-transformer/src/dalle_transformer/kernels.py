@@ -52,7 +52,7 @@ def attend_causal(qkv: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor | N
     another CPU or dtype, under ``torch.compile``). Dropout draws its seed from PyTorch's default generator (the kept
     probabilities differ from SDPA's)."""
     library = native.library_for(qkv)
-    if library is None or not native.causal_attention_runs(library) or not native.causal_attention_takes(qkv):
+    if library is None or not native.wide_kernels_run(library) or not native.causal_attention_takes(qkv):
         return None
     seed = int(torch.randint(2**32, (), dtype=torch.int64)) if dropout_p > 0.0 else 0
     if torch.is_grad_enabled() and qkv.requires_grad:

@@ -20,12 +20,15 @@ GFLOP/s where MKL reaches 190-210 (the forward and input-gradient products of th
 there reads every projection from a copy in oneDNN's own blocked layout (:func:`few_row_copy`, made per sequence
 like the column blocks), which oneDNN streams faster still, at any number of rows: a medium model's step weights in
 3.4 ms at 4 rows against 4.0 for the column blocks, 3.8 against 5.9 at 8. Still float32 products, summed in another
-order.
+order. Where the native library's AVX-512 kernels run, up to 16 rows, the copies are its blocks instead
+(:class:`StreamedWeight`, :func:`dalle_transformer.native.stream_product`), which stream faster than oneDNN's
+layout (1.2-1.6x for a medium model's step weights on a Zen 4 machine, 2.2x for a small model's).
 """
 
 from __future__ import annotations
 
-from typing import Any, cast
+import ctypes
+from typing import Any, NamedTuple, cast
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +47,10 @@ ONEDNN_STREAMING_MAX_ROWS = 5
 # dim_head up to 1024) the feed-forward's output projections alone, a third of the layers' weights.
 BLOCKED_MAX_ROWS = 8
 BLOCKED_MIN_COLUMNS = 1025
+# Up to this many rows, decoding's products go to the native library's streamed product where it runs (AVX-512
+# CPUs): on a 2-core Zen 4 machine, a medium model's step weights (cold) took 3.3-4.5 ms there against 5.5-6.5 in
+# oneDNN's layout at 4 rows, 5.1-5.8 against 6.4-7.1 at 8, 7.0-7.6 against 8.1-8.7 at 16 (docs/benchmarks.md).
+NATIVE_STREAMING_MAX_ROWS = 16
 
 
 def onednn_is_faster() -> bool:
@@ -65,13 +72,40 @@ def streaming_max_rows() -> int:
     return ONEDNN_STREAMING_MAX_ROWS if ONEDNN_IS_FASTER else STREAMING_MAX_ROWS
 
 
-def few_row_copy(weight: torch.Tensor, rows: int, *, packed: bool = True) -> torch.Tensor | None:
+class StreamedWeight(NamedTuple):
+    """A weight ``[out_features, in]`` copied for the native library's streamed product
+    (:func:`dalle_transformer.native.stream_blocks`), and that library."""
+
+    blocks: torch.Tensor
+    out_features: int
+    library: ctypes.CDLL
+
+    def values(self) -> torch.Tensor:
+        """The ``[out_features, in]`` weight the blocks hold (a copy)."""
+        return self.blocks.transpose(1, 2).flatten(0, 1)[: self.out_features].clone()
+
+
+def native_streaming_library() -> ctypes.CDLL | None:
+    """The native library where its streamed product runs (built here, on an AVX-512 CPU), outside
+    ``torch.compile``'s tracing; else None."""
+    library = native.default_library()
+    if library is None or torch.compiler.is_compiling() or not native.wide_kernels_run(library):
+        return None
+    return library
+
+
+def few_row_copy(weight: torch.Tensor, rows: int, *, packed: bool = True) -> torch.Tensor | StreamedWeight | None:
     """A copy of ``weight`` in the layout that :func:`linear`'s products of ``rows`` rows are fastest with (its
-    ``prepared`` argument): where :data:`ONEDNN_IS_FASTER`, oneDNN's blocked layout (an opaque oneDNN tensor; not with
-    ``packed=False``, for ``torch.compile``, which cannot take one); else :func:`column_blocks`. None where
-    :func:`linear` is as fast on the weight as stored."""
-    if ONEDNN_IS_FASTER and packed and weight.device.type == "cpu" and weight.dtype == torch.float32 and rows > 0:
-        return cast(torch.Tensor, torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), rows))
+    ``prepared`` argument). Where the native library's AVX-512 kernels run, up to :data:`NATIVE_STREAMING_MAX_ROWS`
+    rows: a :class:`StreamedWeight`; else where :data:`ONEDNN_IS_FASTER`, oneDNN's blocked layout (an opaque oneDNN
+    tensor); neither with ``packed=False`` (for ``torch.compile``, which cannot take them); else
+    :func:`column_blocks`. None where :func:`linear` is as fast on the weight as stored."""
+    if packed and weight.device.type == "cpu" and weight.dtype == torch.float32 and rows > 0:
+        library = native_streaming_library()
+        if library is not None and rows <= NATIVE_STREAMING_MAX_ROWS:
+            return StreamedWeight(native.stream_blocks(weight), weight.shape[0], library)
+        if ONEDNN_IS_FASTER:
+            return cast(torch.Tensor, torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), rows))
     return column_blocks(weight, rows)
 
 
@@ -92,12 +126,21 @@ def column_blocks(weight: torch.Tensor, rows: int) -> torch.Tensor | None:
 
 
 def linear(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, prepared: torch.Tensor | None = None
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    prepared: torch.Tensor | StreamedWeight | None = None,
 ) -> torch.Tensor:
     """``F.linear(x, weight, bias)``. ``prepared``: ``weight``'s :func:`few_row_copy` (the same values), for a
     product without autograd. On the CPU, without autograd, with 2 to :func:`streaming_max_rows` rows:
     ``(W @ x^T)^T + b``, summed over the column blocks when prepared; other float32 CPU products in oneDNN where
     :data:`ONEDNN_IS_FASTER`."""
+    if isinstance(prepared, StreamedWeight):
+        flat = x.reshape(-1, x.shape[-1])
+        if flat.shape[0] <= NATIVE_STREAMING_MAX_ROWS and native.stream_product_takes(flat, prepared.blocks, bias):
+            out = native.stream_product(prepared.library, flat, prepared.blocks, prepared.out_features, bias)
+            return out.view(*x.shape[:-1], prepared.out_features)
+        prepared = None
     if prepared is not None and prepared.is_mkldnn and _PACKED_PRODUCT is not None:  # never under torch.compile
         if x.dim() == 2:
             return _PACKED_PRODUCT(x, prepared, bias, "none", [], "")

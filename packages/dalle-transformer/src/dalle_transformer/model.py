@@ -33,6 +33,7 @@ from dalle_transformer.decoding_weights import ProjectionCopies, project
 from dalle_transformer.inputs import check_image_ids, check_image_prefix, check_text_ids
 from dalle_transformer.layers import Block, FeedForward, decoding_weights, run_sequential
 from dalle_transformer.linear import linear
+from dalle_transformer.loss import cross_entropy
 from dalle_transformer.masks import layer_patterns
 from dalle_transformer.reversible import run_reversible
 from dalle_transformer.rotary import rotary_angles
@@ -387,8 +388,7 @@ class DALLE(nn.Module):
         hidden = self._transform(x)
         t = self.config.text_seq_len
         text_logits, image_logits = self._sequence_logits(hidden, t)
-        text_loss = F.cross_entropy(_upcast(text_logits).flatten(0, 1), text.flatten())
-        image_loss = F.cross_entropy(_upcast(image_logits).flatten(0, 1), image.flatten())
+        text_loss, image_loss = cross_entropy(text_logits, text), cross_entropy(image_logits, image)
         weight = self.config.loss_img_weight
         loss = (text_loss + weight * image_loss) / (weight + 1)
         return DALLEOutput(text_logits, image_logits, loss, text_loss, image_loss)
@@ -608,7 +608,3 @@ class DALLE(nn.Module):
         raw = read_json(Path(directory) / CONFIG_FILE)
         extra = raw.get("extra", {})
         return extra if isinstance(extra, dict) else {}
-
-
-def _upcast(logits: torch.Tensor) -> torch.Tensor:
-    return logits.float() if logits.dtype.itemsize < 4 else logits

@@ -1,5 +1,6 @@
 /* The C side of dalle_transformer.native (which says why each kernel exists), compiled at first use: a KV-cached
-   decoding step's attention and sampling, the GEGLU activation with its gradient, and a transposing copy.
+   decoding step's attention and sampling, the GEGLU activation with its gradient, the loss's cross-entropy with its
+   gradient, a transposing copy, and causal attention over whole sequences with its gradient.
 
    Attention: for each (batch row, head), one query against the n cached keys, out = softmax(scale * K q) V.
 
@@ -185,6 +186,25 @@ INLINE floats exp_nonpositive(floats a) {
   return p * (floats)((whole + 127) << 23); /* times 2^whole, built in the exponent bits */
 }
 
+INLINE int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+INLINE int64_t smaller(int64_t a, int64_t b) { return a < b ? a : b; }
+
+INLINE floats larger(floats a, floats b) {
+  ints a_larger = a > b;
+  return (floats)((a_larger & (ints)a) | (~a_larger & (ints)b));
+}
+
+/* The largest of row[0..last]. */
+INLINE float row_max(const float* row, int64_t last) {
+  floats lanes = broadcast(-INFINITY);
+  int64_t j = 0;
+  for (; j + LANES <= last + 1; j += LANES) lanes = larger(load(row + j), lanes);
+  float best = -INFINITY;
+  for (int l = 0; l < LANES; l++) best = lanes[l] > best ? lanes[l] : best;
+  for (; j <= last; j++) best = row[j] > best ? row[j] : best;
+  return best;
+}
+
 /* Phi(g) and the normal density phi(g), from one exponential. */
 INLINE void normal_parts(floats g, floats* cdf, floats* pdf) {
   floats z = g * 0.70710678118654752f;
@@ -241,20 +261,199 @@ void dalle_geglu_backward(const float* h, const float* grad, float* grad_h, int6
   }
 }
 
+/* Cross-entropy of rows of logits against target ids, a training step's loss: each row's -log softmax(x)[target]
+   and, where grad is not NULL, its gradient softmax(x) - onehot(target), from one read of the row (and one write of
+   the gradient, rescaled while it is in the caches). PyTorch's log_softmax and nll_loss read and write the logits'
+   size three times forward and three times backward, keeping log-probabilities as large as the logits between. */
+VECTOR_CLONES
+static float cross_entropy_row(const float* x, int64_t vocab, int64_t target, float* grad) {
+  float shift = row_max(x, vocab - 1);
+  floats lanes = broadcast(0.0f);
+  int64_t j = 0;
+  for (; j + LANES <= vocab; j += LANES) {
+    floats a = load(x + j) - shift;
+    floats e = (floats)((ints)exp_nonpositive(a) & ~(a < broadcast(-87.0f))); /* 0 below the clamp, as expf */
+    if (grad) store(grad + j, e);
+    lanes += e;
+  }
+  float sum = 0.0f;
+  for (int l = 0; l < LANES; l++) sum += lanes[l];
+  for (; j < vocab; j++) {
+    float e = expf(x[j] - shift);
+    if (grad) grad[j] = e;
+    sum += e;
+  }
+  if (grad) {
+    float inverse = 1.0f / sum;
+    for (j = 0; j + LANES <= vocab; j += LANES) store(grad + j, load(grad + j) * inverse);
+    for (; j < vocab; j++) grad[j] *= inverse;
+    grad[target] -= 1.0f;
+  }
+  return shift + logf(sum) - x[target];
+}
+
+/* logits [rows, vocab] (rows row_stride floats apart), targets int64[rows], losses float[rows], grad NULL or
+   contiguous [rows, vocab]. Returns 0, or 1 + the first row whose target is outside [0, vocab) (then computes
+   nothing: PyTorch's cross-entropy says what it makes of that target). */
+int64_t dalle_cross_entropy(const float* logits, int64_t rows, int64_t vocab, int64_t row_stride,
+                            const int64_t* targets, float* losses, float* grad, int threads) {
+  for (int64_t r = 0; r < rows; r++)
+    if (targets[r] < 0 || targets[r] >= vocab) return r + 1;
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t r = 0; r < rows; r++)
+    losses[r] = cross_entropy_row(logits + r * row_stride, vocab, targets[r], grad ? grad + r * vocab : NULL);
+  return 0;
+}
+
+/* Code for AVX-512 CPUs only (x86-64-v4), where a kernel needs all 32 vector registers: the causal attention's
+   products and the transposing copy's blocks. */
+#if defined(__GNUC__) && defined(__x86_64__) && defined(DALLE_TARGET_CLONES)
+#define HAS_WIDE 1
+#define WIDE __attribute__((target("arch=x86-64-v4")))
+#else
+#define HAS_WIDE 0
+#define WIDE
+#endif
+
+/* Whether this build and CPU run the WIDE kernels (which do nothing where not). */
+int dalle_wide_kernels_run(void) {
+#if HAS_WIDE
+  __builtin_cpu_init(); /* idempotent; GCC asks for it where the CPU is queried early */
+  return __builtin_cpu_supports("x86-64-v4") != 0;
+#else
+  return 0;
+#endif
+}
+
 /* dst = src^T: src [rows, cols] with rows src_stride floats apart (its columns contiguous), dst contiguous
-   [cols, rows]. Tiles of 32 x 32 (4 KB read, 4 KB written: both in L1), split between the threads: PyTorch's
-   transposing copy runs on one thread. */
+   [cols, rows], split between the threads (PyTorch's transposing copy runs on one). On AVX-512 CPUs in blocks of
+   LANES x LANES transposed in registers: each source row's 64 bytes read as one vector, where a copy element by
+   element reads LANES rows at once, which (for rows a multiple of 4 KB apart, as in [256, 2048]) all fall in one set
+   of the L1 cache and evict each other. Elsewhere (and at the edges), tiles of 32 x 32 element by element. */
 #define TILE 32
+#define ARGS(...) __VA_ARGS__
+
+/* Two-vector shuffles that swap bit `bit` of the row index with the same bit of the lane index: lanes of a and b
+   (rows i and i + bit) picked by index into their concatenation. */
+#define SWAP_BIT(r, bit, low, high)                                      \
+  for (int i = 0; i < LANES; i++)                                        \
+    if (!(i & (bit))) {                                                  \
+      floats a = r[i], b = r[i + (bit)];                                 \
+      r[i] = __builtin_shuffle(a, b, (ints){low});                       \
+      r[i + (bit)] = __builtin_shuffle(a, b, (ints){high});              \
+    }
+
+WIDE static void transpose_block(float* restrict dst, int64_t dst_row, const float* restrict src, int64_t src_row) {
+  floats r[LANES];
+#pragma GCC unroll 16
+  for (int i = 0; i < LANES; i++) r[i] = load(src + i * src_row);
+  SWAP_BIT(r, 8, ARGS(0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23),
+           ARGS(8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31))
+  SWAP_BIT(r, 4, ARGS(0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27),
+           ARGS(4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31))
+  SWAP_BIT(r, 2, ARGS(0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29),
+           ARGS(2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31))
+  SWAP_BIT(r, 1, ARGS(0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30),
+           ARGS(1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31))
+#pragma GCC unroll 16
+  for (int i = 0; i < LANES; i++) store(dst + i * dst_row, r[i]);
+}
+
+static void transpose_tile(const float* src, float* dst, int64_t rows, int64_t src_stride, int64_t r0, int64_t r1,
+                           int64_t c0, int64_t c1) {
+  for (int64_t c = c0; c < c1; c++)
+    for (int64_t r = r0; r < r1; r++) dst[c * rows + r] = src[r * src_stride + c];
+}
+
 void dalle_transpose(const float* src, float* dst, int64_t rows, int64_t cols, int64_t src_stride, int threads) {
+  if (dalle_wide_kernels_run()) {
+    int64_t row_blocks = rows / LANES, col_blocks = cols / LANES, blocked_rows = row_blocks * LANES;
+#pragma omp parallel num_threads(threads)
+    {
+#pragma omp for schedule(static) collapse(2) nowait
+      for (int64_t cb = 0; cb < col_blocks; cb++)
+        for (int64_t rb = 0; rb < row_blocks; rb++)
+          transpose_block(dst + cb * LANES * rows + rb * LANES, rows, src + rb * LANES * src_stride + cb * LANES,
+                          src_stride);
+#pragma omp for schedule(static)
+      for (int64_t c = 0; c < cols; c++) /* the rows past the blocks, and the columns past them */
+        transpose_tile(src, dst, rows, src_stride, c < col_blocks * LANES ? blocked_rows : 0, rows, c, c + 1);
+    }
+    return;
+  }
   int64_t row_tiles = (rows + TILE - 1) / TILE, col_tiles = (cols + TILE - 1) / TILE;
 #pragma omp parallel for num_threads(threads) schedule(static) collapse(2)
   for (int64_t ct = 0; ct < col_tiles; ct++)
-    for (int64_t rt = 0; rt < row_tiles; rt++) {
-      int64_t r0 = rt * TILE, c0 = ct * TILE;
-      int64_t r1 = r0 + TILE < rows ? r0 + TILE : rows, c1 = c0 + TILE < cols ? c0 + TILE : cols;
-      for (int64_t c = c0; c < c1; c++)
-        for (int64_t r = r0; r < r1; r++) dst[c * rows + r] = src[r * src_stride + c];
+    for (int64_t rt = 0; rt < row_tiles; rt++)
+      transpose_tile(src, dst, rows, src_stride, rt * TILE, smaller(rt * TILE + TILE, rows), ct * TILE,
+                     smaller(ct * TILE + TILE, cols));
+}
+
+/* Products of a few rows (a KV-cached decoding step's: one position of each sequence) with a weight that streams
+   from memory once per step, as the layers' weights do there (each was read a whole step ago: none is in the
+   caches). The weight is copied, once per sequence, into blocks of STREAM_COLS output features ([blocks, in,
+   STREAM_COLS], zeros past the last feature), so that each block is one contiguous read; each thread takes a run of
+   blocks, and each block's products (4 rows at a time, 4 vectors of results each, in registers) read it from the
+   caches after the first group of rows. */
+#define STREAM_COLS (4 * LANES)
+#define STREAM_ROWS 4
+
+INLINE void stream_group(float* y, int64_t y_row, const float* x, int64_t x_row, const float* block, int64_t in,
+                         const float* bias, int64_t cols, int rows) {
+  floats acc[STREAM_ROWS][4];
+#pragma GCC unroll 4
+  for (int r = 0; r < STREAM_ROWS; r++) acc[r][0] = acc[r][1] = acc[r][2] = acc[r][3] = broadcast(0.0f);
+  for (int64_t i = 0; i < in; i++) {
+    const float* w = block + i * STREAM_COLS;
+    floats w0 = load(w), w1 = load(w + LANES), w2 = load(w + 2 * LANES), w3 = load(w + 3 * LANES);
+#pragma GCC unroll 4
+    for (int r = 0; r < rows; r++) {
+      floats xv = broadcast(x[r * x_row + i]);
+      acc[r][0] += xv * w0;
+      acc[r][1] += xv * w1;
+      acc[r][2] += xv * w2;
+      acc[r][3] += xv * w3;
     }
+  }
+  for (int r = 0; r < rows; r++) {
+    float* row = y + r * y_row;
+    if (cols == STREAM_COLS) {
+      for (int k = 0; k < 4; k++) store(row + k * LANES, bias ? acc[r][k] + load(bias + k * LANES) : acc[r][k]);
+    } else { /* the last block's features past out are not stored */
+      float sums[STREAM_COLS];
+      for (int k = 0; k < 4; k++) store(sums + k * LANES, acc[r][k]);
+      for (int64_t j = 0; j < cols; j++) row[j] = sums[j] + (bias ? bias[j] : 0.0f);
+    }
+  }
+}
+
+/* y[r, b STREAM_COLS + j] = x[r] . block b's column j (+ bias), for the rows of x and the cols (<= STREAM_COLS)
+   output features of block b. */
+WIDE static void stream_block(float* y, int64_t y_row, const float* x, int64_t x_row, int64_t rows,
+                              const float* block, int64_t in, const float* bias, int64_t cols) {
+  for (int64_t r = 0; r < rows; r += STREAM_ROWS) {
+    const float* xr = x + r * x_row;
+    float* yr = y + r * y_row;
+    switch (smaller(rows - r, STREAM_ROWS)) { /* the number of rows a constant in each copy of the loop */
+      case 1: stream_group(yr, y_row, xr, x_row, block, in, bias, cols, 1); break;
+      case 2: stream_group(yr, y_row, xr, x_row, block, in, bias, cols, 2); break;
+      case 3: stream_group(yr, y_row, xr, x_row, block, in, bias, cols, 3); break;
+      default: stream_group(yr, y_row, xr, x_row, block, in, bias, cols, 4); break;
+    }
+  }
+}
+
+/* y [rows, out] (rows y_row floats apart) = x [rows, in] (rows x_row apart) times the weight in blocks (see above),
+   plus bias (NULL for none). Does nothing and returns 1 where the CPU does not run the AVX-512 kernels. */
+int dalle_stream_product(const float* x, int64_t rows, int64_t x_row, const float* blocks, int64_t in, int64_t out,
+                         const float* bias, float* y, int64_t y_row, int threads) {
+  if (!dalle_wide_kernels_run()) return 1;
+  int64_t count = (out + STREAM_COLS - 1) / STREAM_COLS;
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t b = 0; b < count; b++)
+    stream_block(y + b * STREAM_COLS, y_row, x, x_row, rows, blocks + b * in * STREAM_COLS, in,
+                 bias ? bias + b * STREAM_COLS : NULL, smaller(out - b * STREAM_COLS, STREAM_COLS));
+  return 0;
 }
 
 /* Causal self-attention over whole sequences (training, and the first pass of decoding), forward and backward, for
@@ -274,26 +473,6 @@ void dalle_transpose(const float* src, float* dst, int64_t rows, int64_t cols, i
 #define BLOCK 64
 enum { LIMIT_NONE, LIMIT_COLS, LIMIT_DEPTH };
 
-#if defined(__GNUC__) && defined(__x86_64__) && defined(DALLE_TARGET_CLONES)
-#define HAS_WIDE_ATTENTION 1
-#define WIDE __attribute__((target("arch=x86-64-v4")))
-#else
-#define HAS_WIDE_ATTENTION 0
-#define WIDE
-#endif
-
-/* Whether this build and CPU run dalle_causal_attention and its backward (which do nothing where not). */
-int dalle_causal_attention_runs(void) {
-#if HAS_WIDE_ATTENTION
-  __builtin_cpu_init(); /* idempotent; GCC asks for it where the CPU is queried early */
-  return __builtin_cpu_supports("x86-64-v4") != 0;
-#else
-  return 0;
-#endif
-}
-
-INLINE int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
-INLINE int64_t smaller(int64_t a, int64_t b) { return a < b ? a : b; }
 
 /* c[i][j] (=, or += with accumulate) sum_t x[i * x_row + t * x_step] * y[t * y_row + j], for `rows` (at most
    ROWS) rows i and the COLS columns j at c, y. */
@@ -341,22 +520,6 @@ INLINE void product(float* c, int64_t c_row, const float* x, int64_t x_row, int6
       micro_product(c + i * c_row + j, c_row, x + i * x_row, x_row, x_step, y + j, y_row, group_depth, here,
                     accumulate);
   }
-}
-
-INLINE floats larger(floats a, floats b) {
-  ints a_larger = a > b;
-  return (floats)((a_larger & (ints)a) | (~a_larger & (ints)b));
-}
-
-/* The largest of row[0..last]. */
-INLINE float row_max(const float* row, int64_t last) {
-  floats lanes = broadcast(-INFINITY);
-  int64_t j = 0;
-  for (; j + LANES <= last + 1; j += LANES) lanes = larger(load(row + j), lanes);
-  float best = -INFINITY;
-  for (int l = 0; l < LANES; l++) best = lanes[l] > best ? lanes[l] : best;
-  for (; j <= last; j++) best = row[j] > best ? row[j] : best;
-  return best;
 }
 
 /* row[j] = exp(row[j] - shift) for j <= last (all <= 0 after the shift), 0 for last < j < width; returns the sum. */
@@ -546,10 +709,10 @@ WIDE static void backward_head(const head_task* task) {
 }
 
 /* The (batch row, head) pairs split between the threads, each with scratch of its own. Returns 0, 1 where the
-   scratch could not be allocated, 2 where dalle_causal_attention_runs() is 0. */
+   scratch could not be allocated, 2 where dalle_wide_kernels_run() is 0. */
 static int each_head(head_task shared, int64_t batch, int64_t heads, const int64_t* qkv_strides,
                      const int64_t* out_strides, const int64_t* grad_strides, int backward, int threads) {
-  if (!dalle_causal_attention_runs()) return 2;
+  if (!dalle_wide_kernels_run()) return 2;
   int failed = 0;
   int64_t scratch_floats = backward ? backward_scratch(shared.n, shared.dim) : forward_scratch(shared.n, shared.dim);
 #pragma omp parallel num_threads(threads)

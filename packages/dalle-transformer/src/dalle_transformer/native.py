@@ -1,7 +1,14 @@
 """Small C kernels (``native.c``) for what PyTorch's CPU operators do slowly here, compiled at first use.
 
 A decoding step on the CPU streams the layers' weights through the caches between a few hundred small operations,
-so each of those runs with cold caches, and two of them lose most to that:
+so each of those runs with cold caches, and three of them lose most to that:
+
+- Products: a few rows (one position of each sequence) times each weight, at the rate the weight streams from
+  memory. oneDNN, in its own layout, streamed a medium model's step weights at 20-25 GB/s on a 2-core Zen 4 machine
+  (docs/benchmarks.md) where a plain sum reads 30; :func:`stream_product`, on a copy of each weight in blocks of 64
+  output features made once per sequence (:func:`stream_blocks`), each block one contiguous read whose products
+  are in registers, at 28-43 GB/s (small weights, in the caches, 2.2x faster). That model generates 17% faster, the
+  small one 31%. AVX-512 CPUs only (:func:`wide_kernels_run`).
 
 - Attention: one query per head against every cached key, reading each layer's keys and values once. SDPA's CPU
   kernel, made for blocks of queries, reads them at about half the rate a plain sum over the same tensors does: on
@@ -16,13 +23,18 @@ And in training, GEGLU (DALLE-pytorch's feed-forward activation) is three elemen
 backward over the feed-forward's widest activations; :func:`geglu` and :func:`geglu_backward` make one each (the
 medium benchmark model trains 2.6-3.7% faster, the small one 2.4-3.7%). The weight gradients of oneDNN's products
 need transposed copies, which PyTorch and oneDNN make on one thread; :func:`transposed` makes them on all
-(1.1-2.9x faster; training steps 0.7-1.6% faster for the medium model, 2.0-3.3% for the small one).
+(1.1-2.9x faster; training steps 0.7-1.6% faster for the medium model, 2.0-3.3% for the small one), on AVX-512 CPUs
+in blocks of 16 x 16 transposed in registers (3.5-12x faster again on the benchmark models' gradients, whose
+rows, 8 KB apart, fell in one set of the L1 cache element by element). The
+loss's cross-entropy (:func:`cross_entropy`) reads the logits once and writes their gradient in the same pass,
+where PyTorch's log-softmax and gather make six passes forward and backward (1.8x faster on the small model's text
+logits, 1% of its training step).
 
 Training's causal attention over whole sequences (the ``full`` pattern, and the first pass of decoding) runs in
 SDPA's flash kernel, whose products go through a BLAS that runs AVX2 code on AMD processors: 34 ms forward and
 backward per layer of the medium model there. :func:`causal_attention` and :func:`causal_attention_backward` do
 the same work (the backward recomputes the probabilities from each query's saved log-sum-exp, as flash attention
-does) in register-blocked products of their own on AVX-512 CPUs (:func:`causal_attention_runs`): 11 ms, and the
+does) in register-blocked products of their own on AVX-512 CPUs (:func:`wide_kernels_run`): 11 ms, and the
 medium model trains 12% faster, the small one 5%. Their gradient for QKV comes out in the projection's layout.
 They drop probabilities (attention dropout) by a hash of a seed and each probability's place, so the backward drops
 the same ones without a stored mask; with dropout 0.1 the medium model trains 30% faster than on SDPA, the small
@@ -53,11 +65,13 @@ from importlib import resources
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from dalle_core.errors import ShapeError
 
 SOURCE_NAME = "native.c"
 MAX_DIM = 1024  # native.c's MAX_DIM: the largest dim_head its attention takes
+STREAM_COLS = 64  # native.c's STREAM_COLS: the output features in each block of stream_blocks' layout
 _FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC")
 _OPENMP_RUNTIMES = ("libgomp", "libiomp", "libomp")
 # dalle_decode_attention's parameters: four pointers, twelve sizes and strides, the scale, the thread count.
@@ -74,6 +88,8 @@ _SAMPLING_ARGUMENTS: list[type] = [
 # dalle_geglu's: h, out, rows, width, threads; dalle_geglu_backward's: h, grad, grad_h, rows, width, threads.
 _GEGLU_ARGUMENTS: list[type] = [*[ctypes.c_void_p] * 2, *[ctypes.c_int64] * 2, ctypes.c_int]
 _GEGLU_BACKWARD_ARGUMENTS: list[type] = [*[ctypes.c_void_p] * 3, *[ctypes.c_int64] * 2, ctypes.c_int]
+# dalle_cross_entropy's: logits, rows, vocab, row stride, targets, losses, grad, threads.
+_CROSS_ENTROPY_ARGUMENTS: list[type] = [ctypes.c_void_p, *[ctypes.c_int64] * 3, *[ctypes.c_void_p] * 3, ctypes.c_int]
 # dalle_transpose's: src, dst, rows, cols, src row stride, threads.
 _TRANSPOSE_ARGUMENTS: list[type] = [*[ctypes.c_void_p] * 2, *[ctypes.c_int64] * 3, ctypes.c_int]
 # dalle_causal_attention's: qkv, out, lse, batch, heads, n, dim, qkv strides, out strides, scale, dropout, seed,
@@ -84,6 +100,9 @@ _CAUSAL_ARGUMENTS: list[type] = [*[ctypes.c_void_p] * 3, *[ctypes.c_int64] * 4, 
 _CAUSAL_ARGUMENTS += _DROPOUT_AND_THREADS
 _CAUSAL_BACKWARD_ARGUMENTS: list[type] = [*[ctypes.c_void_p] * 5, *[ctypes.c_int64] * 4, *[ctypes.c_void_p] * 3]
 _CAUSAL_BACKWARD_ARGUMENTS += _DROPOUT_AND_THREADS
+# dalle_stream_product's: x, rows, x row stride, blocks, in, out, bias, y, y row stride, threads.
+_STREAM_ARGUMENTS: list[type] = [ctypes.c_void_p, *[ctypes.c_int64] * 2, ctypes.c_void_p, *[ctypes.c_int64] * 2]
+_STREAM_ARGUMENTS += [*[ctypes.c_void_p] * 2, ctypes.c_int64, ctypes.c_int]
 
 
 class NativeBuildError(RuntimeError):
@@ -197,10 +216,14 @@ def _load(path: Path) -> ctypes.CDLL:
     library.dalle_geglu.restype = None
     library.dalle_geglu_backward.argtypes = _GEGLU_BACKWARD_ARGUMENTS
     library.dalle_geglu_backward.restype = None
+    library.dalle_cross_entropy.argtypes = _CROSS_ENTROPY_ARGUMENTS
+    library.dalle_cross_entropy.restype = ctypes.c_int64
     library.dalle_transpose.argtypes = _TRANSPOSE_ARGUMENTS
     library.dalle_transpose.restype = None
-    library.dalle_causal_attention_runs.argtypes = []
-    library.dalle_causal_attention_runs.restype = ctypes.c_int
+    library.dalle_wide_kernels_run.argtypes = []
+    library.dalle_wide_kernels_run.restype = ctypes.c_int
+    library.dalle_stream_product.argtypes = _STREAM_ARGUMENTS
+    library.dalle_stream_product.restype = ctypes.c_int
     library.dalle_causal_attention.argtypes = _CAUSAL_ARGUMENTS
     library.dalle_causal_attention.restype = ctypes.c_int
     library.dalle_causal_attention_backward.argtypes = _CAUSAL_BACKWARD_ARGUMENTS
@@ -389,6 +412,51 @@ def geglu_backward(library: ctypes.CDLL, h: torch.Tensor, grad: torch.Tensor) ->
     return grad_h
 
 
+def cross_entropy_takes(logits: torch.Tensor, targets: torch.Tensor) -> bool:
+    """Whether :func:`cross_entropy` computes the loss of these: a float32 CPU ``[rows, vocab]`` tensor (both at
+    least 1) whose last dim is contiguous and contiguous ``int64[rows]`` targets, outside ``torch.compile``'s
+    tracing."""
+    return (
+        _plain_cpu_float32(logits)
+        and logits.dim() == 2
+        and logits.shape[0] > 0
+        and logits.shape[1] > 0
+        and logits.stride(1) == 1
+        and type(targets) is torch.Tensor
+        and targets.device.type == "cpu"
+        and targets.dtype == torch.int64
+        and targets.shape == logits.shape[:1]
+        and targets.is_contiguous()
+    )
+
+
+def cross_entropy(
+    library: ctypes.CDLL, logits: torch.Tensor, targets: torch.Tensor, grad: torch.Tensor | None = None
+) -> torch.Tensor | None:
+    """Each row's ``-log softmax(logits)[target]`` (:func:`cross_entropy_takes`), ``float32[rows]``, without
+    autograd; with ``grad`` (a contiguous float32 tensor shaped as ``logits``), also fills it with each row's gradient
+    of its loss, ``softmax(logits) - one_hot(target)``. None, with nothing computed, where a target is outside
+    ``[0, vocab)``: ``F.cross_entropy`` says what it makes of that (an error, or an ignored index)."""
+    rows, vocab = logits.shape
+    if grad is not None and (grad.shape != logits.shape or grad.dtype != torch.float32 or not grad.is_contiguous()):
+        raise ShapeError(
+            f"cross_entropy: expected a contiguous float32 gradient {list(logits.shape)}, got {grad.dtype} "
+            f"{list(grad.shape)}{'' if grad.is_contiguous() else ' (strided)'}"
+        )
+    losses = torch.empty(rows)
+    outside = library.dalle_cross_entropy(
+        logits.data_ptr(),
+        rows,
+        vocab,
+        logits.stride(0),
+        targets.data_ptr(),
+        losses.data_ptr(),
+        None if grad is None else grad.data_ptr(),
+        torch.get_num_threads(),
+    )
+    return None if outside else losses
+
+
 def transpose_takes(x: torch.Tensor) -> bool:
     """Whether :func:`transposed` copies ``x``: a 2-D float32 CPU tensor whose rows are contiguous, outside
     ``torch.compile``'s tracing."""
@@ -404,10 +472,60 @@ def transposed(library: ctypes.CDLL, x: torch.Tensor) -> torch.Tensor:
 
 
 @functools.cache
-def causal_attention_runs(library: ctypes.CDLL) -> bool:
-    """Whether ``library``'s :func:`causal_attention` runs on this CPU: its products are built for AVX-512
-    (x86-64-v4) CPUs only, where they are faster than SDPA's."""
-    return bool(library.dalle_causal_attention_runs())
+def wide_kernels_run(library: ctypes.CDLL) -> bool:
+    """Whether ``library``'s :func:`causal_attention` and :func:`stream_product` run on this CPU: they are built for
+    AVX-512 (x86-64-v4) CPUs only (their register blocks take all 32 vector registers)."""
+    return bool(library.dalle_wide_kernels_run())
+
+
+def stream_blocks(weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` (``[out, in]``) copied into the layout :func:`stream_product` reads: blocks of ``STREAM_COLS``
+    output features, ``[ceil(out / STREAM_COLS), in, STREAM_COLS]``, zeros past ``out``."""
+    out_features, in_features = weight.shape
+    count = -(-out_features // STREAM_COLS)
+    padded = F.pad(weight.detach(), (0, 0, 0, count * STREAM_COLS - out_features))
+    return padded.view(count, STREAM_COLS, in_features).transpose(1, 2).contiguous()
+
+
+def stream_product_takes(x: torch.Tensor, blocks: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether :func:`stream_product` multiplies ``x`` by ``blocks``: ``x`` a float32 CPU ``[rows, in]`` tensor
+    (``rows >= 1``) whose last dim is contiguous and that needs no gradient, ``bias`` None or a contiguous float32
+    CPU vector, outside ``torch.compile``'s tracing."""
+    return (
+        _plain_cpu_float32(x)
+        and x.dim() == 2
+        and x.shape[0] > 0
+        and x.shape[1] == blocks.shape[1]
+        and x.stride(1) == 1
+        and not (torch.is_grad_enabled() and x.requires_grad)
+        and (bias is None or (_plain_cpu_float32(bias.data) and bias.dim() == 1 and bias.is_contiguous()))
+    )
+
+
+def stream_product(
+    library: ctypes.CDLL, x: torch.Tensor, blocks: torch.Tensor, out_features: int, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """``x @ weight.T + bias`` (:func:`stream_product_takes`) for ``blocks = stream_blocks(weight)``, ``weight``
+    ``[out_features, in]``, as a contiguous ``[rows, out_features]`` without autograd (:func:`wide_kernels_run`)."""
+    rows, in_features = x.shape
+    if bias is not None and bias.shape != (out_features,):
+        raise ShapeError(f"stream_product: expected a bias [{out_features}], got {list(bias.shape)}")
+    out = torch.empty(rows, out_features)
+    status = library.dalle_stream_product(
+        x.data_ptr(),
+        rows,
+        x.stride(0),
+        blocks.data_ptr(),
+        in_features,
+        out_features,
+        None if bias is None else bias.data_ptr(),
+        out.data_ptr(),
+        out_features,
+        torch.get_num_threads(),
+    )
+    if status:
+        raise RuntimeError("the native streamed product does not run on this CPU (see wide_kernels_run)")
+    return out
 
 
 def causal_attention_takes(qkv: torch.Tensor) -> bool:
@@ -427,7 +545,7 @@ def causal_attention(
     library: ctypes.CDLL, qkv: torch.Tensor, dropout: float = 0.0, seed: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)`` for ``q, k, v = qkv``
-    (:func:`causal_attention_takes`, :func:`causal_attention_runs`), without autograd: the output ``[B, H, n, D]``
+    (:func:`causal_attention_takes`, :func:`wide_kernels_run`), without autograd: the output ``[B, H, n, D]``
     (a view of a contiguous ``[B, n, H, D]``, so that joining its heads copies nothing) and the log of each query's
     softmax sum, ``[B, H, n]``, which :func:`causal_attention_backward` takes. Dropout (``0 <= dropout < 1``) keeps
     each probability by a hash of ``seed`` (``0 <= seed < 2**32``) and its place, not by PyTorch's generator: the
@@ -505,7 +623,7 @@ def _run_causal(function: Callable[..., int], *arguments: object) -> None:
     if status == 1:
         raise MemoryError("the native causal attention could not allocate its scratch memory")
     if status:
-        raise RuntimeError("the native causal attention does not run on this CPU (see causal_attention_runs)")
+        raise RuntimeError("the native causal attention does not run on this CPU (see wide_kernels_run)")
 
 
 def _shape_problem(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> str | None:
