@@ -124,9 +124,10 @@ def test_work_counts_follow_the_formulas() -> None:
     full, axial = (pattern_work(p, length) for p in layer_patterns(config))
     assert full.dense == axial.dense == length**2
     assert full.allowed == full.efficient == length * (length + 1) // 2
-    # axial_row: causal text, then each of the N cells (the last one computed, then dropped) scores T + 1 text keys
-    # and its row's f cells; allowed: the N - 1 image queries see the text and their row prefix.
-    assert axial.efficient == text_len * (text_len + 1) // 2 + n * text_len + n * f
+    # axial_row: causal text, then each of the N - 1 image queries scores the T + 1 text keys and its row's keys
+    # in the sequence (f, and f - 1 in the last row, whose last cell is only a target); allowed: the text and the
+    # query's row prefix.
+    assert axial.efficient == text_len * (text_len + 1) // 2 + (n - 1) * text_len + (f - 1) * f * f + (f - 1) ** 2
     row_prefix = sum(c + 1 for c in range(f)) * f - f  # the dropped last cell would see f keys
     assert axial.allowed == text_len * (text_len + 1) // 2 + (n - 1) * text_len + row_prefix
     assert axial.allowed < axial.efficient < axial.dense

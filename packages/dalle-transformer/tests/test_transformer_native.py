@@ -22,6 +22,7 @@ from dalle_transformer.layers import FeedForward
 from dalle_transformer.linear import onednn_linear
 from dalle_transformer.loss import cross_entropy
 from dalle_transformer.masks import AttentionPattern
+from dalle_transformer.plans import kernel_groups
 from dalle_transformer.sampling import sample_logits
 
 needs_compiler = pytest.mark.skipif(
@@ -414,20 +415,89 @@ def assert_as_close_as(actual: torch.Tensor, float32_reference: torch.Tensor, ex
     assert error <= 2 * reference_error + 1e-6, f"off by {error:.3g}, PyTorch's float32 by {reference_error:.3g}"
 
 
+GROUPED_PATTERNS = [
+    AttentionPattern("axial_row", 9, 5),
+    AttentionPattern("axial_col", 17, 6),
+    AttentionPattern("conv_like", 5, 7, kernel_size=3, dilation=2),
+    AttentionPattern("conv_like", 65, 9, kernel_size=5),
+    AttentionPattern("conv_like", 9, 20, kernel_size=2),  # groups of 16 queries, one of 4 at each row's end
+    AttentionPattern("sparse", 3, 9, block_size=7, local_blocks=2, stride=3),
+]
+
+
 @needs_compiler
-def test_causal_attention_dropout_drops_probabilities_by_seed_and_its_gradient_follows() -> None:
+@pytest.mark.parametrize("pattern", GROUPED_PATTERNS, ids=lambda pattern: f"{pattern.kind}-{pattern.fmap_size}")
+@pytest.mark.parametrize(("cut", "dim", "magnitude"), [(1, 16, 1.0), (7, 40, 1.0), (1, 64, 6.0)])
+def test_grouped_attention_and_its_gradient_match_float64_masked_sdpa(
+    pattern: AttentionPattern, cut: int, dim: int, magnitude: float
+) -> None:
+    # A training input (every image token but the last) and a shorter one; head widths that are not whole vectors;
+    # scores in the hundreds. Text parts shorter and longer than a block of 64 queries.
+    library = wide_library()
+    batch, heads, n = 2, 2, pattern.text_len + pattern.fmap_size**2 - cut
+    generator = torch.Generator().manual_seed(n * dim)
+    qkv = torch.randn(batch, n, 3, heads, dim, generator=generator).permute(2, 0, 3, 1, 4) * magnitude
+    grad = torch.randn(batch, heads, n, dim, generator=generator)
+    mask = pattern.square_mask(n)
+    exact = qkv.detach().double().requires_grad_()
+    expected = F.scaled_dot_product_attention(*exact.unbind(0), attn_mask=mask)
+    expected.backward(grad.double())
+    in_float32 = qkv.detach().clone().requires_grad_()
+    sdpa = F.scaled_dot_product_attention(*in_float32.unbind(0), attn_mask=mask)
+    sdpa.backward(grad)
+    assert exact.grad is not None and in_float32.grad is not None
+
+    groups = kernel_groups(pattern, n)
+    out, lse = native.causal_attention(library, qkv, groups=groups)
+    assert_as_close_as(out, sdpa, expected)
+    q, k, _ = exact.unbind(0)
+    scores = (q @ k.transpose(-1, -2) / dim**0.5).masked_fill(~mask, -math.inf)
+    torch.testing.assert_close(lse, scores.logsumexp(-1).float(), rtol=1e-5, atol=1e-5)
+    grad_qkv = native.causal_attention_backward(library, qkv, out, lse, grad, groups=groups)
+    assert_as_close_as(grad_qkv, in_float32.grad, exact.grad)
+    with pytest.raises(ShapeError, match=f"groups made for {n} positions, got a sequence of {n - 1}"):
+        native.causal_attention(library, qkv[:, :, :, :-1], groups=groups)
+
+
+def test_kernel_groups_hold_every_image_query_once_with_exactly_its_allowed_keys() -> None:
+    for pattern in GROUPED_PATTERNS:
+        n = pattern.max_len
+        groups = kernel_groups(pattern, n)
+        mask = pattern.square_mask(n)
+        allowed = torch.zeros(n, n, dtype=torch.bool)
+        allowed[: pattern.text_len, : pattern.text_len] = mask[: pattern.text_len, : pattern.text_len]
+        allowed[pattern.text_len :, : pattern.text_len] = True
+        for g in range(groups.count):
+            queries = groups.queries[groups.query_start[g] : groups.query_start[g + 1]]
+            keys = groups.keys[groups.key_start[g] : groups.key_start[g + 1]]
+            rows = groups.allowed[groups.mask_start[g] : groups.mask_start[g + 1]].view(len(queries), len(keys))
+            assert not allowed[queries, pattern.text_len :].any(), "a query in two groups"
+            allowed[queries[:, None], keys[None, :]] = rows.bool()
+            assert (keys >= pattern.text_len).all() and rows.bool().any(dim=0).all()  # no key gathered for nothing
+        assert torch.equal(allowed, mask), pattern
+        assert mask.sum() <= groups.pairs < n * (n + 1) // 2, pattern  # less work than causal attention
+    with pytest.raises(ValueError, match=r"axial_row: expected a sequence of 10\.\.34 positions, got 9"):
+        kernel_groups(AttentionPattern("axial_row", 9, 5), 9)
+
+
+@needs_compiler
+@pytest.mark.parametrize("kind", ["full", "conv_like"])
+def test_attention_dropout_drops_probabilities_by_seed_and_its_gradient_follows(kind: str) -> None:
     library = wide_library()
     batch, heads, n, dim, p, seed = 2, 3, 24, 32, 0.3, 1234
-    # The kept factors, read off: with q = k = 0 each query's probabilities are 1 / (i + 1) over keys 0..i, and
-    # with v the identity the output row is those probabilities times the factors.
+    pattern = AttentionPattern(kind, 8, 4, kernel_size=3)
+    groups = None if kind == "full" else kernel_groups(pattern, n)
+    mask = pattern.square_mask(n)
+    # The kept factors, read off: with q = k = 0 each query's probabilities are 1 / (its allowed keys) over those
+    # keys, and with v the identity the output row is those probabilities times the factors.
     probe = torch.zeros(3, batch, heads, n, dim)
     probe[2] = torch.eye(n, dim)
-    factors = native.causal_attention(library, probe, p, seed)[0][..., :n] * torch.arange(1, n + 1)[:, None]
-    kept = factors[..., torch.ones(n, n, dtype=torch.bool).tril()]
-    assert torch.allclose(factors.triu(1), torch.zeros(())), "keys after the query must have no weight"
+    factors = native.causal_attention(library, probe, p, seed, groups)[0][..., :n] * mask.sum(1, keepdim=True)
+    kept = factors[..., mask]
+    assert torch.allclose(factors[..., ~mask], torch.zeros(())), "keys the mask disallows must have no weight"
     assert torch.all(torch.isclose(kept, torch.zeros(())) | torch.isclose(kept, torch.tensor(1 / (1 - p))))
-    assert abs(kept.bool().float().mean().item() - (1 - p)) < 0.05  # 1,800 draws: 3.3 sigma
-    other_seed = native.causal_attention(library, probe, p, seed + 1)[0][..., :n] * torch.arange(1, n + 1)[:, None]
+    assert abs(kept.bool().float().mean().item() - (1 - p)) < 4 * (p * (1 - p) / kept.numel()) ** 0.5  # 4 sigma
+    other_seed = native.causal_attention(library, probe, p, seed + 1, groups)[0][..., :n] * mask.sum(1, keepdim=True)
     assert not torch.allclose(other_seed, factors)
 
     # Random q, k, v with the same seed: the float64 formula with those factors, forward and backward.
@@ -436,17 +506,17 @@ def test_causal_attention_dropout_drops_probabilities_by_seed_and_its_gradient_f
     grad = torch.randn(batch, heads, n, dim, generator=generator)
     exact = qkv.detach().double().requires_grad_()
     q, k, v = exact.unbind(0)
-    scores = (q @ k.transpose(-1, -2) / dim**0.5).masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), -math.inf)
+    scores = (q @ k.transpose(-1, -2) / dim**0.5).masked_fill(~mask, -math.inf)
     expected = (scores.softmax(-1) * factors.double()) @ v
     expected.backward(grad.double())
     assert exact.grad is not None
-    out, lse = native.causal_attention(library, qkv, p, seed)
+    out, lse = native.causal_attention(library, qkv, p, seed, groups)
     torch.testing.assert_close(out, expected.float(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(lse, scores.logsumexp(-1).float(), rtol=1e-5, atol=1e-5)
-    grad_qkv = native.causal_attention_backward(library, qkv, out, lse, grad, p, seed)
+    grad_qkv = native.causal_attention_backward(library, qkv, out, lse, grad, p, seed, groups)
     torch.testing.assert_close(grad_qkv, exact.grad.float(), rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match=r"expected a dropout probability in \[0, 1\), got 1.0"):
-        native.causal_attention(library, qkv, 1.0, seed)
+        native.causal_attention(library, qkv, 1.0, seed, groups)
 
 
 @needs_compiler
@@ -475,13 +545,14 @@ def test_a_model_with_attention_dropout_trains_on_the_kernels_reproducibly(monke
 
 @needs_compiler
 @pytest.mark.parametrize("option", ["plain", "rotary_emb", "reversible", "gradient_checkpointing"])
-def test_a_model_trains_alike_with_and_without_the_causal_attention_kernels(
+def test_a_model_trains_alike_with_and_without_the_attention_kernels(
     monkeypatch: pytest.MonkeyPatch, option: str
 ) -> None:
     wide_library()
     config = DALLEConfig(
-        num_text_tokens=30, text_seq_len=7, num_image_tokens=16, image_fmap_size=5, dim=48, depth=3, heads=3,
-        dim_head=16, attn_types=("full", "axial_row"), **({} if option == "plain" else {option: True}),
+        num_text_tokens=30, text_seq_len=7, num_image_tokens=16, image_fmap_size=5, dim=48, depth=5, heads=3,
+        dim_head=16, attn_types=("full", "axial_row", "axial_col", "conv_like", "sparse"), sparse_block_size=4,
+        **({} if option == "plain" else {option: True}),
     )  # fmt: skip
     generator = torch.Generator().manual_seed(1)
     text, image = torch.randint(1, 30, (2, 7), generator=generator), torch.randint(0, 16, (2, 25), generator=generator)
@@ -498,9 +569,8 @@ def test_a_model_trains_alike_with_and_without_the_causal_attention_kernels(
         counted_calls(monkeypatch, "causal_attention_backward"),
     )
     with_kernels = step()
-    full_layers = 2  # layers 0 and 2 of the cycle ("full", "axial_row")
     recomputed = option in ("reversible", "gradient_checkpointing")  # their backward runs each forward again
-    assert len(forwards) == full_layers * (2 if recomputed else 1) and len(backwards) == full_layers
+    assert len(forwards) == config.depth * (2 if recomputed else 1) and len(backwards) == config.depth
     assert_alike_without_the_kernels(monkeypatch, step, with_kernels)
 
 

@@ -14,7 +14,7 @@ import torch
 from dalle_transformer.config import DALLEConfig
 from dalle_transformer.kernels import causal_pairs, dense_pairs, tile_pairs
 from dalle_transformer.masks import AttentionPattern, layer_patterns
-from dalle_transformer.plans import decode_keys, grouped_plan
+from dalle_transformer.plans import decode_keys, kernel_groups
 
 
 @dataclass(frozen=True)
@@ -22,9 +22,11 @@ class AttentionWork:
     """Pairs per path for one pass, summed over layers.
 
     ``allowed``: pairs the masks allow (what any exact method needs); ``dense``: the masked-SDPA reference, every
-    pair of the sequence; ``efficient``: the efficient CPU path as executed (SDPA with ``is_causal`` counted as the
-    causal half, which its kernels skip; gathered paths counted with their padding); ``flex``: pairs in the
-    FlexAttention blocks (128 x 128) that hold any allowed pair.
+    pair of the sequence; ``efficient``: the CPU path as executed (causal attention counted as the causal half,
+    which its kernels skip; the other types as the native kernels' groups compute them, each image query against
+    every text key and every key gathered for its group, :attr:`dalle_transformer.native.AttentionGroups.pairs`;
+    PyTorch's grouped path, where those kernels do not run, pads its buckets' key lists, 1-6% more); ``flex``:
+    pairs in the FlexAttention blocks (128 x 128) that hold any allowed pair.
     """
 
     allowed: int
@@ -40,8 +42,7 @@ def pattern_work(pattern: AttentionPattern, length: int, flex_block: int = 128) 
     if pattern.kind == "full" or length <= text_len:
         efficient = causal_pairs(length)
     else:
-        plan = grouped_plan(pattern, mask.device)
-        efficient = causal_pairs(text_len) + plan.num_queries * text_len + plan.image_pairs
+        efficient = kernel_groups(pattern, length).pairs
     return AttentionWork(int(mask.sum()), dense_pairs(length), efficient, tile_pairs(mask, flex_block))
 
 

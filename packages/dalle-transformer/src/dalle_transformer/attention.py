@@ -23,6 +23,7 @@ from dalle_transformer.kernels import (
     attend_dense,
     attend_efficient,
     attend_flex,
+    attend_grouped,
     attend_rows,
     flex_available,
 )
@@ -111,8 +112,8 @@ class Attention(nn.Module):
         backend = context.backend
         # Text queries attend causally in every pattern: a text-only pass is full attention too.
         causal = pattern.kind == "full" or qkv.shape[3] <= pattern.text_len
-        if backend == "auto" and causal and dropout_p < 1.0:
-            out = attend_causal(qkv, dropout_p)
+        if backend == "auto" and dropout_p < 1.0:
+            out = attend_causal(qkv, dropout_p) if causal else attend_grouped(qkv, pattern, dropout_p)
             if out is not None:
                 return out
         q, k, v = qkv.unbind(0)

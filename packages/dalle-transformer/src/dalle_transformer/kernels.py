@@ -6,8 +6,12 @@
 - :func:`attend_dense`: the reference, SDPA with the pattern's full boolean mask.
 - :func:`attend_causal`: ``full`` over a whole sequence in :mod:`dalle_transformer.native`'s kernels, forward and
   backward, on CPUs they run on (``None`` elsewhere).
+- :func:`attend_grouped`: the other types over a whole sequence in the same kernels, each image query scoring the
+  text keys and its group's image keys (:func:`dalle_transformer.plans.kernel_groups`; ``None`` where they do not
+  run).
 - :func:`attend_efficient`: ``full`` on SDPA with ``is_causal``; the other types as causal text attention plus a
-  :class:`GroupedPlan` over the image queries (scores only against the text and the gathered keys).
+  :class:`GroupedPlan` over the image queries (scores only against the text and the gathered keys), in PyTorch's
+  operators (where :func:`attend_grouped` does not run).
 - :func:`attend_flex`: FlexAttention with a block mask built from the same ``mask_mod`` (fused on CUDA).
 - :func:`attend_decode`: one new query against only the keys its mask row allows, gathered from the KV cache (on
   the CPU in :mod:`dalle_transformer.native`'s kernel where it is built).
@@ -27,7 +31,7 @@ import torch.nn.functional as F
 
 from dalle_transformer import native
 from dalle_transformer.masks import AttentionPattern, cached_table
-from dalle_transformer.plans import GroupBucket, decode_keys, grouped_plan
+from dalle_transformer.plans import GroupBucket, decode_keys, grouped_plan, kernel_groups
 
 
 def softmax(scores: torch.Tensor, stable: bool) -> torch.Tensor:
@@ -51,20 +55,35 @@ def attend_causal(qkv: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor | N
     ``full`` pattern, in the native library's kernels (with autograd); None where they do not take ``qkv`` (not built,
     another CPU or dtype, under ``torch.compile``). Dropout draws its seed from PyTorch's default generator (the kept
     probabilities differ from SDPA's)."""
+    return _attend_native(qkv, dropout_p, None)
+
+
+def attend_grouped(qkv: torch.Tensor, pattern: AttentionPattern, dropout_p: float = 0.0) -> torch.Tensor | None:
+    """What ``attend_efficient`` computes for a non-``full`` pattern over a sequence longer than its text part
+    (``qkv`` as for :func:`attend_causal`), in the native library's kernels: the text queries causally, each image
+    query against the text keys and the keys of its group in :func:`kernel_groups` under the pattern's mask. None
+    where the kernels do not take ``qkv``."""
+    return _attend_native(qkv, dropout_p, pattern)
+
+
+def _attend_native(qkv: torch.Tensor, dropout_p: float, pattern: AttentionPattern | None) -> torch.Tensor | None:
     library = native.library_for(qkv)
     if library is None or not native.wide_kernels_run(library) or not native.causal_attention_takes(qkv):
         return None
+    groups = None if pattern is None else kernel_groups(pattern, qkv.shape[3])
     seed = int(torch.randint(2**32, (), dtype=torch.int64)) if dropout_p > 0.0 else 0
     if torch.is_grad_enabled() and qkv.requires_grad:
-        return cast(torch.Tensor, _CausalAttention.apply(qkv, library, dropout_p, seed))
-    return native.causal_attention(library, qkv, dropout_p, seed)[0]
+        return cast(torch.Tensor, _CausalAttention.apply(qkv, library, dropout_p, seed, groups))
+    return native.causal_attention(library, qkv, dropout_p, seed, groups)[0]
 
 
 class _CausalAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, qkv: torch.Tensor, library: Any, dropout_p: float, seed: int) -> torch.Tensor:
-        out, lse = native.causal_attention(library, qkv, dropout_p, seed)
-        ctx.library, ctx.dropout_p, ctx.seed = library, dropout_p, seed
+    def forward(
+        ctx: Any, qkv: torch.Tensor, library: Any, dropout_p: float, seed: int, groups: native.AttentionGroups | None
+    ) -> torch.Tensor:
+        out, lse = native.causal_attention(library, qkv, dropout_p, seed, groups)
+        ctx.library, ctx.dropout_p, ctx.seed, ctx.groups = library, dropout_p, seed, groups
         ctx.save_for_backward(qkv, out, lse)
         return out
 
@@ -72,8 +91,10 @@ class _CausalAttention(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         qkv, out, lse = ctx.saved_tensors
-        grad_qkv = native.causal_attention_backward(ctx.library, qkv, out, lse, grad, ctx.dropout_p, ctx.seed)
-        return grad_qkv, None, None, None
+        grad_qkv = native.causal_attention_backward(
+            ctx.library, qkv, out, lse, grad, ctx.dropout_p, ctx.seed, ctx.groups
+        )
+        return grad_qkv, None, None, None, None
 
 
 def attend_efficient(

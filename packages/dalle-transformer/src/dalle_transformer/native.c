@@ -603,6 +603,16 @@ static void copy_unpadded(float* restrict dst, int64_t dst_row, const float* res
     for (int64_t c = 0; c < dim; c++) dst[i * dst_row + c] = src[i * dim_padded + c] * scale;
 }
 
+/* The image queries' groups of a non-causal pattern (dalle_transformer.plans.kernel_groups): group g's queries are
+   the positions queries[query_start[g] .. query_start[g + 1]), its gathered image keys the positions
+   keys[key_start[g] .. key_start[g + 1]), and allowed[mask_start[g] ..] says, row by row, which of those keys each
+   query may attend to (1) or not (0). Every query also attends to the text_len text positions. */
+typedef struct {
+  int64_t text_len, count, max_queries, max_keys;
+  const int64_t *query_start, *queries, *key_start, *keys, *mask_start;
+  const uint8_t* allowed;
+} group_plan;
+
 /* A (batch row, head)'s tensors, each [n, dim] with rows the given number of floats apart; lse [n]. */
 typedef struct {
   const float *q, *k, *v;
@@ -616,6 +626,7 @@ typedef struct {
   float* scratch;
   uint32_t dropped_below, head_hash; /* dropout: p 2^32 (0 for none), and hash(seed, head) */
   float kept_scale;                  /* 1 / (1 - p) */
+  const group_plan* groups;          /* NULL: causal attention */
 } head_task;
 
 static int64_t forward_scratch(int64_t n, int64_t dim) {
@@ -628,33 +639,107 @@ static int64_t backward_scratch(int64_t n, int64_t dim) {
   return 2 * n * dp + 5 * np * dp + 2 * BLOCK * np + BLOCK * dp + n;
 }
 
+/* Scores row[0..last] of the query at position `query` made its probabilities (dropped as the task says), zeros
+   up to width; returns the log of its softmax sum. */
+INLINE float softmax_row(const head_task* task, float* row, int64_t last, int64_t width, int64_t query) {
+  float best = row_max(row, last);
+  float sum = exp_shifted(row, last, width, best), inverse = 1.0f / sum;
+  for (int64_t j = 0; j <= last; j++) row[j] *= inverse;
+  if (task->dropped_below) {
+    uint32_t base = task->head_hash + (uint32_t)(query * task->n);
+    for (int64_t j = 0; j < width; j += LANES)
+      store(row + j, load(row + j) * kept_lanes(base, j, task->dropped_below, task->kept_scale));
+  }
+  return best + logf(sum);
+}
+
+/* With p[0..last] the recomputed probabilities of the query at `query` and g its dP = grad V^T: g = dS, the
+   softmax's gradient P * (dP - delta) (dropout: dP times the kept factors, and p made the dropped probabilities,
+   which grad_v's product takes); zeros in g up to width. */
+INLINE void softmax_gradient_row(const head_task* task, float* p, float* g, int64_t last, int64_t width,
+                                 int64_t query, float delta) {
+  int64_t j = 0;
+  floats d = broadcast(delta);
+  if (task->dropped_below) {
+    uint32_t base = task->head_hash + (uint32_t)(query * task->n), below = task->dropped_below;
+    float kept_scale = task->kept_scale;
+    for (; j + LANES <= last + 1; j += LANES) {
+      floats factors = kept_lanes(base, j, below, kept_scale), pj = load(p + j);
+      store(g + j, pj * (load(g + j) * factors - d));
+      store(p + j, pj * factors);
+    }
+    for (; j <= last; j++) {
+      float factor = kept(base, j, below, kept_scale);
+      g[j] = p[j] * (g[j] * factor - delta);
+      p[j] *= factor;
+    }
+  } else {
+    for (; j + LANES <= last + 1; j += LANES) store(g + j, load(p + j) * (load(g + j) - d));
+    for (; j <= last; j++) g[j] = p[j] * (g[j] - delta);
+  }
+  for (; j < width; j++) g[j] = 0.0f;
+}
+
+/* Causal attention of the first `count` queries (qs [count, dp], scaled) over keys kt (transposed, [dp, >= count]
+   with rows `row` floats apart) and values vp ([>= count, dp]); scores [BLOCK, row], o [BLOCK, dp]. Writes their
+   out and lse. */
+WIDE static void causal_forward_rows(const head_task* task, const float* qs, const float* kt, const float* vp,
+                                     int64_t row, float* scores, float* o, int64_t count) {
+  int64_t dim = task->dim, dp = round_up(dim, COLS);
+  for (int64_t first = 0; first < count; first += BLOCK) {
+    int64_t rows = smaller(BLOCK, count - first), width = round_up(first + rows, COLS);
+    product(scores, row, qs + first * dp, dp, 1, kt, row, rows, width, dp, first, LIMIT_COLS, 0);
+    for (int64_t r = 0; r < rows; r++)
+      task->lse[first + r] = softmax_row(task, scores + r * row, first + r, width, first + r);
+    product(o, dp, scores, row, 1, vp, dp, rows, dp, width, first, LIMIT_DEPTH, 0);
+    copy_unpadded(task->out + first * task->out_row, task->out_row, o, rows, dim, dp, 1.0f);
+  }
+}
+
+/* With P the probabilities and dP = grad V^T: dS = P * (dP - rowsum(grad * out)) (the softmax's gradient),
+   grad_v = P^T grad, grad_k = dS^T (scale q), grad_q = scale dS K. This for the first `count` queries of a causal
+   attention (qs and gp [count, dp]: scaled q and grad) over keys kt (transposed, rows `row` floats apart), kp
+   ([>= count, dp]) and values vt (transposed, rows `row` apart): adds their terms to gk and gv ([round_up(count,
+   COLS), dp] at least) and writes their grad_q. probs and gs [BLOCK, row], gq [BLOCK, dp], delta [count]. */
+WIDE static void causal_backward_rows(const head_task* task, const float* qs, const float* gp, const float* kt,
+                                      const float* kp, const float* vt, int64_t row, float* gk, float* gv,
+                                      float* probs, float* gs, float* gq, const float* delta, int64_t count) {
+  int64_t dim = task->dim, dp = round_up(dim, COLS);
+  for (int64_t first = 0; first < count; first += BLOCK) {
+    int64_t rows = smaller(BLOCK, count - first), width = round_up(first + rows, COLS);
+    product(probs, row, qs + first * dp, dp, 1, kt, row, rows, width, dp, first, LIMIT_COLS, 0);
+    product(gs, row, gp + first * dp, dp, 1, vt, row, rows, width, dp, first, LIMIT_COLS, 0);
+    for (int64_t r = 0; r < rows; r++) {
+      int64_t last = first + r;
+      float *p = probs + r * row, *g = gs + r * row;
+      exp_shifted(p, last, width, task->lse[last]);
+      softmax_gradient_row(task, p, g, last, width, last, delta[last]);
+    }
+    product(gv, dp, probs, 1, row, gp + first * dp, dp, width, dp, rows, 0, LIMIT_NONE, 1);
+    product(gk, dp, gs, 1, row, qs + first * dp, dp, width, dp, rows, 0, LIMIT_NONE, 1);
+    product(gq, dp, gs, row, 1, kp, dp, rows, dp, width, first, LIMIT_DEPTH, 0);
+    copy_unpadded(task->grad_q + first * task->grad_qkv_row, task->grad_qkv_row, gq, rows, dim, dp, task->scale);
+  }
+}
+
+/* delta[i] = rowsum(grad * out) of the head's n queries. */
+static void output_gradient_sums(const head_task* task, float* delta) {
+  for (int64_t i = 0; i < task->n; i++) {
+    float sum = 0.0f;
+    for (int64_t c = 0; c < task->dim; c++) sum += task->grad[i * task->out_row + c] * task->out[i * task->out_row + c];
+    delta[i] = sum;
+  }
+}
+
 WIDE static void forward_head(const head_task* task) {
   int64_t n = task->n, dim = task->dim, dp = round_up(dim, COLS), np = round_up(n, COLS);
   float *qs = task->scratch, *kt = qs + n * dp, *vp = kt + dp * np, *scores = vp + np * dp, *o = scores + BLOCK * np;
   copy_padded(qs, task->q, task->qkv_row, n, dim, n, dp, task->scale);
   copy_transposed(kt, task->k, task->qkv_row, n, dim, np, dp);
   copy_padded(vp, task->v, task->qkv_row, n, dim, np, dp, 1.0f);
-  for (int64_t first = 0; first < n; first += BLOCK) {
-    int64_t rows = smaller(BLOCK, n - first), width = round_up(first + rows, COLS);
-    product(scores, np, qs + first * dp, dp, 1, kt, np, rows, width, dp, first, LIMIT_COLS, 0);
-    for (int64_t r = 0; r < rows; r++) {
-      float *row = scores + r * np, best = row_max(row, first + r);
-      float sum = exp_shifted(row, first + r, width, best), inverse = 1.0f / sum;
-      for (int64_t j = 0; j <= first + r; j++) row[j] *= inverse;
-      task->lse[first + r] = best + logf(sum);
-      if (task->dropped_below) {
-        uint32_t base = task->head_hash + (uint32_t)((first + r) * n);
-        for (int64_t j = 0; j < width; j += LANES)
-          store(row + j, load(row + j) * kept_lanes(base, j, task->dropped_below, task->kept_scale));
-      }
-    }
-    product(o, dp, scores, np, 1, vp, dp, rows, dp, width, first, LIMIT_DEPTH, 0);
-    copy_unpadded(task->out + first * task->out_row, task->out_row, o, rows, dim, dp, 1.0f);
-  }
+  causal_forward_rows(task, qs, kt, vp, np, scores, o, n);
 }
 
-/* With P the probabilities and dP = grad V^T: dS = P * (dP - rowsum(grad * out)) (the softmax's gradient),
-   grad_v = P^T grad, grad_k = dS^T (scale q), grad_q = scale dS K. */
 WIDE static void backward_head(const head_task* task) {
   int64_t n = task->n, dim = task->dim, dp = round_up(dim, COLS), np = round_up(n, COLS);
   float *qs = task->scratch, *gp = qs + n * dp, *kt = gp + n * dp, *kp = kt + dp * np, *vt = kp + np * dp;
@@ -666,43 +751,147 @@ WIDE static void backward_head(const head_task* task) {
   copy_padded(kp, task->k, task->qkv_row, n, dim, np, dp, 1.0f);
   copy_transposed(vt, task->v, task->qkv_row, n, dim, np, dp);
   memset(gk, 0, 2 * np * dp * sizeof(float)); /* gk and gv */
-  for (int64_t i = 0; i < n; i++) {
-    float sum = 0.0f;
-    for (int64_t c = 0; c < dim; c++) sum += task->grad[i * task->out_row + c] * task->out[i * task->out_row + c];
-    delta[i] = sum;
-  }
-  for (int64_t first = 0; first < n; first += BLOCK) {
-    int64_t rows = smaller(BLOCK, n - first), width = round_up(first + rows, COLS);
-    product(probs, np, qs + first * dp, dp, 1, kt, np, rows, width, dp, first, LIMIT_COLS, 0);
-    product(gs, np, gp + first * dp, dp, 1, vt, np, rows, width, dp, first, LIMIT_COLS, 0);
+  output_gradient_sums(task, delta);
+  causal_backward_rows(task, qs, gp, kt, kp, vt, np, gk, gv, probs, gs, gq, delta, n);
+  copy_unpadded(task->grad_k, task->grad_qkv_row, gk, n, dim, dp, 1.0f);
+  copy_unpadded(task->grad_v, task->grad_qkv_row, gv, n, dim, dp, 1.0f);
+}
+
+/* Grouped attention (the axial, conv-like and sparse patterns): the text queries attend causally, as above, to the
+   text keys, which every image query attends to as well; the image queries, a group at a time, to those text keys
+   and their group's gathered image keys, masked by the group's rows of `allowed`. A group's keys are columns
+   text_len.. of the head's key (and value) copies, whose first text_len columns hold the text keys throughout; so
+   a group scores about (text_len + its keys) per query where causal attention scores every earlier position.
+   The widths below: `wide` the widest row of keys, `tall` the most query rows at once. */
+INLINE int64_t group_wide(const group_plan* plan) { return round_up(plan->text_len + plan->max_keys, COLS); }
+INLINE int64_t group_tall(const group_plan* plan) { return plan->max_queries > BLOCK ? plan->max_queries : BLOCK; }
+INLINE int64_t group_keys_rows(int64_t n, const group_plan* plan) {
+  int64_t np = round_up(n, COLS), wide = group_wide(plan);
+  return np > wide ? np : wide;
+}
+
+static int64_t grouped_forward_scratch(int64_t n, int64_t dim, const group_plan* plan) {
+  int64_t dp = round_up(dim, COLS), wide = group_wide(plan), tall = group_tall(plan);
+  return n * dp + 2 * wide * dp + tall * wide + tall * dp + plan->max_queries * dp;
+}
+
+static int64_t grouped_backward_scratch(int64_t n, int64_t dim, const group_plan* plan) {
+  int64_t dp = round_up(dim, COLS), wide = group_wide(plan), tall = group_tall(plan);
+  return 2 * n * dp + 4 * wide * dp + 2 * group_keys_rows(n, plan) * dp + 2 * tall * wide + tall * dp +
+         2 * plan->max_queries * dp + n;
+}
+
+/* Columns at..at + count of kt (transposed keys, rows `row` floats apart) = the rows positions[..] of src. */
+static void gather_columns(float* kt, int64_t row, int64_t at, const float* src, int64_t src_row,
+                           const int64_t* positions, int64_t count, int64_t dim) {
+  for (int64_t m = 0; m < count; m++)
+    for (int64_t c = 0; c < dim; c++) kt[c * row + at + m] = src[positions[m] * src_row + c];
+}
+
+/* Rows 0..count of dst ([count, dp]) = the rows positions[..] of src (rows src_row floats apart). */
+static void gather_rows(float* dst, int64_t dp, const float* src, int64_t src_row, const int64_t* positions,
+                        int64_t count, int64_t dim) {
+  for (int64_t m = 0; m < count; m++) memcpy(dst + m * dp, src + positions[m] * src_row, dim * sizeof(float));
+}
+
+/* A group's scores row (its image keys from column text_len) with the keys the mask disallows at -inf. */
+static void mask_row(float* row, int64_t text_len, const uint8_t* allowed, int64_t keys) {
+  for (int64_t m = 0; m < keys; m++)
+    if (!allowed[m]) row[text_len + m] = -INFINITY;
+}
+
+/* ... and the same keys' probabilities made exactly 0 (the softmax leaves e^-87 there). */
+static void unmask_row(float* row, int64_t text_len, const uint8_t* allowed, int64_t keys) {
+  for (int64_t m = 0; m < keys; m++)
+    if (!allowed[m]) row[text_len + m] = 0.0f;
+}
+
+WIDE static void grouped_forward_head(const head_task* task) {
+  const group_plan* plan = task->groups;
+  int64_t n = task->n, dim = task->dim, dp = round_up(dim, COLS), text = plan->text_len;
+  int64_t wide = group_wide(plan), tall = group_tall(plan);
+  float *qs = task->scratch, *kt = qs + n * dp, *vg = kt + dp * wide, *scores = vg + wide * dp;
+  float *o = scores + tall * wide, *qg = o + tall * dp;
+  copy_padded(qs, task->q, task->qkv_row, n, dim, n, dp, task->scale);
+  copy_transposed(kt, task->k, task->qkv_row, text, dim, wide, dp);
+  copy_padded(vg, task->v, task->qkv_row, text, dim, wide, dp, 1.0f);
+  causal_forward_rows(task, qs, kt, vg, wide, scores, o, text);
+  for (int64_t g = 0; g < plan->count; g++) {
+    const int64_t *queries = plan->queries + plan->query_start[g], *keys = plan->keys + plan->key_start[g];
+    int64_t rows = plan->query_start[g + 1] - plan->query_start[g], count = plan->key_start[g + 1] - plan->key_start[g];
+    int64_t last = text + count - 1, width = round_up(text + count, COLS);
+    const uint8_t* allowed = plan->allowed + plan->mask_start[g];
+    gather_columns(kt, wide, text, task->k, task->qkv_row, keys, count, dim);
+    gather_rows(vg + text * dp, dp, task->v, task->qkv_row, keys, count, dim);
+    gather_rows(qg, dp, qs, dp, queries, rows, dp);
+    product(scores, wide, qg, dp, 1, kt, wide, rows, width, dp, 0, LIMIT_NONE, 0);
     for (int64_t r = 0; r < rows; r++) {
-      int64_t last = first + r, j = 0;
-      float *p = probs + r * np, *g = gs + r * np;
-      exp_shifted(p, last, width, task->lse[last]);
-      floats d = broadcast(delta[last]);
-      if (task->dropped_below) { /* dP is (grad V^T) times the factors; grad_v's product takes the dropped P */
-        uint32_t base = task->head_hash + (uint32_t)(last * n), below = task->dropped_below;
-        float kept_scale = task->kept_scale;
-        for (; j + LANES <= last + 1; j += LANES) {
-          floats factors = kept_lanes(base, j, below, kept_scale), pj = load(p + j);
-          store(g + j, pj * (load(g + j) * factors - d));
-          store(p + j, pj * factors);
-        }
-        for (; j <= last; j++) {
-          float factor = kept(base, j, below, kept_scale);
-          g[j] = p[j] * (g[j] * factor - delta[last]);
-          p[j] *= factor;
-        }
-      } else {
-        for (; j + LANES <= last + 1; j += LANES) store(g + j, load(p + j) * (load(g + j) - d));
-        for (; j <= last; j++) g[j] = p[j] * (g[j] - delta[last]);
-      }
-      for (; j < width; j++) g[j] = 0.0f;
+      float* row = scores + r * wide;
+      mask_row(row, text, allowed + r * count, count);
+      task->lse[queries[r]] = softmax_row(task, row, last, width, queries[r]);
+      unmask_row(row, text, allowed + r * count, count);
     }
-    product(gv, dp, probs, 1, np, gp + first * dp, dp, width, dp, rows, 0, LIMIT_NONE, 1);
-    product(gk, dp, gs, 1, np, qs + first * dp, dp, width, dp, rows, 0, LIMIT_NONE, 1);
-    product(gq, dp, gs, np, 1, kp, dp, rows, dp, width, first, LIMIT_DEPTH, 0);
-    copy_unpadded(task->grad_q + first * task->grad_qkv_row, task->grad_qkv_row, gq, rows, dim, dp, task->scale);
+    product(o, dp, scores, wide, 1, vg, dp, rows, dp, last + 1, 0, LIMIT_NONE, 0);
+    for (int64_t r = 0; r < rows; r++)
+      copy_unpadded(task->out + queries[r] * task->out_row, task->out_row, o + r * dp, 1, dim, dp, 1.0f);
+  }
+}
+
+/* to[positions[m]] += from[m] for rows of dp floats. */
+WIDE static void scatter_add_rows(float* to, const float* from, const int64_t* positions, int64_t count, int64_t dp) {
+  for (int64_t m = 0; m < count; m++) {
+    float *dst = to + positions[m] * dp;
+    const float* src = from + m * dp;
+    for (int64_t c = 0; c < dp; c += LANES) store(dst + c, load(dst + c) + load(src + c));
+  }
+}
+
+WIDE static void grouped_backward_head(const head_task* task) {
+  const group_plan* plan = task->groups;
+  int64_t n = task->n, dim = task->dim, dp = round_up(dim, COLS), text = plan->text_len;
+  int64_t wide = group_wide(plan), tall = group_tall(plan), key_rows = group_keys_rows(n, plan);
+  float *qs = task->scratch, *gp = qs + n * dp, *kt = gp + n * dp, *vt = kt + dp * wide, *kg = vt + dp * wide;
+  float *added = kg + wide * dp, *gk = added + wide * dp, *gv = gk + key_rows * dp, *probs = gv + key_rows * dp;
+  float *gs = probs + tall * wide, *gq = gs + tall * wide, *qg = gq + tall * dp, *gg = qg + plan->max_queries * dp;
+  float* delta = gg + plan->max_queries * dp;
+  copy_padded(qs, task->q, task->qkv_row, n, dim, n, dp, task->scale);
+  copy_padded(gp, task->grad, task->out_row, n, dim, n, dp, 1.0f);
+  copy_transposed(kt, task->k, task->qkv_row, text, dim, wide, dp);
+  copy_padded(kg, task->k, task->qkv_row, text, dim, wide, dp, 1.0f);
+  copy_transposed(vt, task->v, task->qkv_row, text, dim, wide, dp);
+  memset(gk, 0, 2 * key_rows * dp * sizeof(float)); /* gk and gv */
+  output_gradient_sums(task, delta);
+  causal_backward_rows(task, qs, gp, kt, kg, vt, wide, gk, gv, probs, gs, gq, delta, text);
+  for (int64_t g = 0; g < plan->count; g++) {
+    const int64_t *queries = plan->queries + plan->query_start[g], *keys = plan->keys + plan->key_start[g];
+    int64_t rows = plan->query_start[g + 1] - plan->query_start[g], count = plan->key_start[g + 1] - plan->key_start[g];
+    int64_t last = text + count - 1, width = round_up(text + count, COLS);
+    const uint8_t* allowed = plan->allowed + plan->mask_start[g];
+    gather_columns(kt, wide, text, task->k, task->qkv_row, keys, count, dim);
+    gather_columns(vt, wide, text, task->v, task->qkv_row, keys, count, dim);
+    gather_rows(kg + text * dp, dp, task->k, task->qkv_row, keys, count, dim);
+    gather_rows(qg, dp, qs, dp, queries, rows, dp);
+    gather_rows(gg, dp, gp, dp, queries, rows, dp);
+    product(probs, wide, qg, dp, 1, kt, wide, rows, width, dp, 0, LIMIT_NONE, 0);
+    product(gs, wide, gg, dp, 1, vt, wide, rows, width, dp, 0, LIMIT_NONE, 0);
+    for (int64_t r = 0; r < rows; r++) {
+      float *p = probs + r * wide, *gr = gs + r * wide;
+      mask_row(p, text, allowed + r * count, count);
+      exp_shifted(p, last, width, task->lse[queries[r]]);
+      unmask_row(p, text, allowed + r * count, count);
+      softmax_gradient_row(task, p, gr, last, width, queries[r], delta[queries[r]]);
+    }
+    /* The text keys' terms add to their rows of gv and gk in place, the group's keys' through `added`. */
+    product(gv, dp, probs, 1, wide, gg, dp, text, dp, rows, 0, LIMIT_NONE, 1);
+    product(added, dp, probs + text, 1, wide, gg, dp, count, dp, rows, 0, LIMIT_NONE, 0);
+    scatter_add_rows(gv, added, keys, count, dp);
+    product(gk, dp, gs, 1, wide, qg, dp, text, dp, rows, 0, LIMIT_NONE, 1);
+    product(added, dp, gs + text, 1, wide, qg, dp, count, dp, rows, 0, LIMIT_NONE, 0);
+    scatter_add_rows(gk, added, keys, count, dp);
+    product(gq, dp, gs, wide, 1, kg, dp, rows, dp, last + 1, 0, LIMIT_NONE, 0);
+    for (int64_t r = 0; r < rows; r++)
+      copy_unpadded(task->grad_q + queries[r] * task->grad_qkv_row, task->grad_qkv_row, gq + r * dp, 1, dim, dp,
+                    task->scale);
   }
   copy_unpadded(task->grad_k, task->grad_qkv_row, gk, n, dim, dp, 1.0f);
   copy_unpadded(task->grad_v, task->grad_qkv_row, gv, n, dim, dp, 1.0f);
@@ -714,7 +903,11 @@ static int each_head(head_task shared, int64_t batch, int64_t heads, const int64
                      const int64_t* out_strides, const int64_t* grad_strides, int backward, int threads) {
   if (!dalle_wide_kernels_run()) return 2;
   int failed = 0;
-  int64_t scratch_floats = backward ? backward_scratch(shared.n, shared.dim) : forward_scratch(shared.n, shared.dim);
+  int64_t n = shared.n, dim = shared.dim, scratch_floats;
+  if (shared.groups)
+    scratch_floats = backward ? grouped_backward_scratch(n, dim, shared.groups) : grouped_forward_scratch(n, dim, shared.groups);
+  else
+    scratch_floats = backward ? backward_scratch(n, dim) : forward_scratch(n, dim);
 #pragma omp parallel num_threads(threads)
   {
     float* scratch = malloc(scratch_floats * sizeof(float));
@@ -739,9 +932,9 @@ static int each_head(head_task shared, int64_t batch, int64_t heads, const int64
         task.grad_q = shared.grad_q + b * grad_strides[1] + h * grad_strides[2];
         task.grad_k = task.grad_q + grad_strides[0];
         task.grad_v = task.grad_k + grad_strides[0];
-        backward_head(&task);
+        (shared.groups ? grouped_backward_head : backward_head)(&task);
       } else {
-        forward_head(&task);
+        (shared.groups ? grouped_forward_head : forward_head)(&task);
       }
     }
     free(scratch);
@@ -758,26 +951,27 @@ static void with_dropout(head_task* shared, float dropout, uint32_t seed) {
 
 /* qkv: q, k, v [batch, heads, n, dim] at qkv + (0, 1, 2) * qkv_strides[0], each with strides (qkv_strides[1..3], 1);
    out [batch, heads, n, dim] with strides (out_strides[0..2], 1); lse contiguous [batch, heads, n]; the
-   probabilities dropped with probability dropout (0 <= dropout < 1), drawn from seed. Returns as each_head. */
+   probabilities dropped with probability dropout (0 <= dropout < 1), drawn from seed; groups NULL (every earlier
+   key) or the image queries' groups of keys (group_plan). Returns as each_head. */
 int dalle_causal_attention(const float* qkv, float* out, float* lse, int64_t batch, int64_t heads, int64_t n,
                            int64_t dim, const int64_t* qkv_strides, const int64_t* out_strides, float scale,
-                           float dropout, uint32_t seed, int threads) {
+                           float dropout, uint32_t seed, int threads, const group_plan* groups) {
   head_task shared = {.q = qkv, .qkv_row = qkv_strides[3], .out = out, .out_row = out_strides[2], .lse = lse,
-                      .n = n, .dim = dim, .scale = scale};
+                      .n = n, .dim = dim, .scale = scale, .groups = groups};
   with_dropout(&shared, dropout, seed);
   return each_head(shared, batch, heads, qkv_strides, out_strides, NULL, 0, threads);
 }
 
 /* The gradients for grad (the loss's gradient for out, in out's strides), written into grad_qkv (as qkv, with
-   strides grad_strides). lse, dropout, seed: the forward's. */
+   strides grad_strides). lse, dropout, seed, groups: the forward's. */
 int dalle_causal_attention_backward(const float* qkv, const float* out, const float* grad, const float* lse,
                                     float* grad_qkv, int64_t batch, int64_t heads, int64_t n, int64_t dim,
                                     const int64_t* qkv_strides, const int64_t* out_strides,
                                     const int64_t* grad_strides, float scale, float dropout, uint32_t seed,
-                                    int threads) {
+                                    int threads, const group_plan* groups) {
   head_task shared = {.q = qkv, .qkv_row = qkv_strides[3], .out = (float*)out, .grad = grad,
                       .out_row = out_strides[2], .lse = (float*)lse, .grad_q = grad_qkv,
-                      .grad_qkv_row = grad_strides[3], .n = n, .dim = dim, .scale = scale};
+                      .grad_qkv_row = grad_strides[3], .n = n, .dim = dim, .scale = scale, .groups = groups};
   with_dropout(&shared, dropout, seed);
   return each_head(shared, batch, heads, qkv_strides, out_strides, grad_strides, 1, threads);
 }

@@ -7,6 +7,8 @@ device, and checked on construction: a plan that gathered fewer keys than the ma
   groups of queries that share candidate keys (a row for ``axial_row``, a column for ``axial_col``, one cell for
   ``conv_like``, one block for ``sparse``). Each group gathers the union of its queries' allowed image keys, so a
   query's scores cover ``text_len`` text keys plus ``M`` gathered keys instead of the whole sequence.
+- :func:`kernel_groups` (the same groups for :func:`dalle_transformer.native.causal_attention`): each group's
+  queries and exactly the image keys its queries' mask rows allow, without padding, for one sequence length.
 - :func:`decode_keys` (KV-cached decode): the key positions one new query may attend to, to gather from the cache.
 """
 
@@ -18,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from dalle_transformer.masks import AttentionPattern, cached_table
+from dalle_transformer.native import AttentionGroups
 
 
 @dataclass(frozen=True)
@@ -54,9 +57,13 @@ class GroupedPlan:
 
 GROUP_SIZE = 8  # conv_like queries per group: a row segment shares most of its window (measured best on CPU)
 MAX_BUCKETS = 4
+# conv_like queries per group of kernel_groups: the native kernels' costs per group (gathers, products only as deep
+# as the group is tall) outweigh the keys a longer row segment adds (medium model: 26 ms forward + backward a layer
+# in groups of 16, 31 in groups of 8, 34 in groups of 4).
+KERNEL_GROUP_SIZE = 16
 
 
-def _query_groups(pattern: AttentionPattern) -> torch.Tensor:
+def _query_groups(pattern: AttentionPattern, conv_group_size: int = GROUP_SIZE) -> torch.Tensor:
     """``[G, S]`` cells per group; the only type-specific part of the efficient path (which queries share keys)."""
     f, n = pattern.fmap_size, pattern.fmap_size**2
     cells = torch.arange(n)
@@ -65,7 +72,7 @@ def _query_groups(pattern: AttentionPattern) -> torch.Tensor:
     if pattern.kind == "axial_col":
         return cells.view(f, f).t().contiguous()
     if pattern.kind == "conv_like":
-        size = min(GROUP_SIZE, f)
+        size = min(conv_group_size, f)
         segments = -(-f // size)
         rows = F.pad(cells.view(f, f), (0, segments * size - f), value=n)
         return rows.reshape(f * segments, size)
@@ -98,13 +105,17 @@ def _bucket(cell_mask: torch.Tensor, queries: torch.Tensor, wanted: torch.Tensor
     return GroupBucket(queries, keys, mask)
 
 
+def _check_text_keys(pattern: AttentionPattern) -> None:
+    text = torch.arange(pattern.text_len)
+    image_positions = pattern.text_len + torch.arange(pattern.fmap_size**2)
+    if not bool(pattern.allowed(image_positions[:, None], text[None, :]).all()):
+        raise RuntimeError(f"{pattern.kind}: the grouped plans assume image queries see every text key")
+
+
 @cached_table
 def grouped_plan(pattern: AttentionPattern, device: torch.device) -> GroupedPlan:
     n = pattern.fmap_size**2
-    text = torch.arange(pattern.text_len)
-    image_positions = pattern.text_len + torch.arange(n)
-    if not bool(pattern.allowed(image_positions[:, None], text[None, :]).all()):
-        raise RuntimeError(f"{pattern.kind}: the grouped plan assumes image queries see every text key")
+    _check_text_keys(pattern)
     cell_mask = image_cell_mask(pattern)
     queries = _query_groups(pattern)
     wanted = cell_mask[queries].any(dim=1)  # [G, N + 1]: keys any query of the group may attend to
@@ -119,6 +130,47 @@ def grouped_plan(pattern: AttentionPattern, device: torch.device) -> GroupedPlan
     order[flat[valid]] = torch.arange(flat.numel())[valid]
     moved = tuple(GroupBucket(b.query_cells.to(device), b.key_cells.to(device), b.mask.to(device)) for b in buckets)
     return GroupedPlan(moved, order.to(device))
+
+
+@cached_table
+def kernel_groups(pattern: AttentionPattern, length: int) -> AttentionGroups:
+    """The image queries of the first ``length`` positions (``text_len < length <= max_len + 1``) in the groups of
+    :func:`_query_groups`, each with the union of its queries' allowed image keys, as CPU tensors."""
+    text_len, cells = pattern.text_len, length - pattern.text_len
+    if not 0 < cells <= pattern.fmap_size**2:
+        raise ValueError(f"{pattern.kind}: expected a sequence of {text_len + 1}..{pattern.max_len + 1} positions, "
+                         f"got {length}")  # fmt: skip
+    _check_text_keys(pattern)
+    cell_mask = image_cell_mask(pattern)[:cells, :cells]
+    query_lists, key_lists, masks = [], [], []
+    for group in _query_groups(pattern, KERNEL_GROUP_SIZE):
+        queries = group[group < cells]
+        if len(queries) == 0:
+            continue
+        rows = cell_mask[queries]
+        keys = rows.any(dim=0).nonzero().flatten()
+        query_lists.append(queries)
+        key_lists.append(keys)
+        masks.append(rows[:, keys].flatten())
+    queries = torch.cat(query_lists)
+    if not torch.equal(queries.sort().values, torch.arange(cells)):
+        raise RuntimeError(f"{pattern.kind}: the kernel's groups do not hold every image query once")
+
+    def starts(parts: list[torch.Tensor]) -> torch.Tensor:
+        return F.pad(torch.tensor([len(part) for part in parts]).cumsum(0), (1, 0))
+
+    return AttentionGroups(
+        length=length,
+        text_len=text_len,
+        query_start=starts(query_lists),
+        queries=queries + text_len,
+        key_start=starts(key_lists),
+        keys=torch.cat(key_lists) + text_len,
+        mask_start=starts(masks),
+        allowed=torch.cat(masks).to(torch.uint8),
+        max_queries=max(len(part) for part in query_lists),
+        max_keys=max(len(part) for part in key_lists),
+    )
 
 
 @cached_table
