@@ -391,22 +391,36 @@ def test_causal_attention_and_its_gradient_match_float64_sdpa(
         qkv = torch.randn(3, batch, heads, n, dim, generator=generator) * magnitude
     # A contiguous gradient (the kernel's output is [B, n, H, D] underneath): the backward copies it to that layout.
     grad = torch.randn(batch, heads, n, dim, generator=generator)
-    exact = qkv.detach().double().requires_grad_()
-    expected = F.scaled_dot_product_attention(*exact.unbind(0), is_causal=True)
-    expected.backward(grad.double())
-    in_float32 = qkv.detach().clone().requires_grad_()
-    sdpa = F.scaled_dot_product_attention(*in_float32.unbind(0), is_causal=True)
-    sdpa.backward(grad)
-    assert exact.grad is not None and in_float32.grad is not None
+    mask = torch.ones(n, n, dtype=torch.bool).tril()
+    expected, sdpa, expected_grad, sdpa_grad = sdpa_references(qkv, grad, mask)
 
     out, lse = native.causal_attention(library, qkv)
     assert_as_close_as(out, sdpa, expected)
-    q, k, _ = exact.unbind(0)
-    scores = (q @ k.transpose(-1, -2) / dim**0.5).masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), -math.inf)
-    torch.testing.assert_close(lse, scores.logsumexp(-1).float(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse, masked_logsumexp(qkv, mask), rtol=1e-5, atol=1e-5)
     grad_qkv = native.causal_attention_backward(library, qkv, out, lse, grad)
     assert grad_qkv.shape == qkv.shape and grad_qkv.permute(1, 3, 0, 2, 4).is_contiguous()
-    assert_as_close_as(grad_qkv, in_float32.grad, exact.grad)
+    assert_as_close_as(grad_qkv, sdpa_grad, expected_grad)
+
+
+def sdpa_references(
+    qkv: torch.Tensor, grad: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SDPA under ``mask`` over ``q, k, v = qkv``: its output in float64 and float32, then its gradient for ``qkv``
+    (for ``grad``, the output's) in float64 and float32."""
+    exact, in_float32 = qkv.detach().double().requires_grad_(), qkv.detach().clone().requires_grad_()
+    expected = F.scaled_dot_product_attention(*exact.unbind(0), attn_mask=mask)
+    expected.backward(grad.double())
+    sdpa = F.scaled_dot_product_attention(*in_float32.unbind(0), attn_mask=mask)
+    sdpa.backward(grad)
+    assert exact.grad is not None and in_float32.grad is not None
+    return expected, sdpa, exact.grad, in_float32.grad
+
+
+def masked_logsumexp(qkv: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Each query's log-sum-exp of its scaled scores under ``mask``, in float64, as float32 ``[B, H, n]``."""
+    q, k, _ = qkv.double().unbind(0)
+    scores = (q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5).masked_fill(~mask, -math.inf)
+    return scores.logsumexp(-1).float()
 
 
 def assert_as_close_as(actual: torch.Tensor, float32_reference: torch.Tensor, exact: torch.Tensor) -> None:
@@ -439,22 +453,14 @@ def test_grouped_attention_and_its_gradient_match_float64_masked_sdpa(
     qkv = torch.randn(batch, n, 3, heads, dim, generator=generator).permute(2, 0, 3, 1, 4) * magnitude
     grad = torch.randn(batch, heads, n, dim, generator=generator)
     mask = pattern.square_mask(n)
-    exact = qkv.detach().double().requires_grad_()
-    expected = F.scaled_dot_product_attention(*exact.unbind(0), attn_mask=mask)
-    expected.backward(grad.double())
-    in_float32 = qkv.detach().clone().requires_grad_()
-    sdpa = F.scaled_dot_product_attention(*in_float32.unbind(0), attn_mask=mask)
-    sdpa.backward(grad)
-    assert exact.grad is not None and in_float32.grad is not None
+    expected, sdpa, expected_grad, sdpa_grad = sdpa_references(qkv, grad, mask)
 
     groups = kernel_groups(pattern, n)
     out, lse = native.causal_attention(library, qkv, groups=groups)
     assert_as_close_as(out, sdpa, expected)
-    q, k, _ = exact.unbind(0)
-    scores = (q @ k.transpose(-1, -2) / dim**0.5).masked_fill(~mask, -math.inf)
-    torch.testing.assert_close(lse, scores.logsumexp(-1).float(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse, masked_logsumexp(qkv, mask), rtol=1e-5, atol=1e-5)
     grad_qkv = native.causal_attention_backward(library, qkv, out, lse, grad, groups=groups)
-    assert_as_close_as(grad_qkv, in_float32.grad, exact.grad)
+    assert_as_close_as(grad_qkv, sdpa_grad, expected_grad)
     with pytest.raises(ShapeError, match=f"groups made for {n} positions, got a sequence of {n - 1}"):
         native.causal_attention(library, qkv[:, :, :, :-1], groups=groups)
 

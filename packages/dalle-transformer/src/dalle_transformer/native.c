@@ -722,11 +722,21 @@ WIDE static void causal_backward_rows(const head_task* task, const float* qs, co
   }
 }
 
-/* delta[i] = rowsum(grad * out) of the head's n queries. */
-static void output_gradient_sums(const head_task* task, float* delta) {
-  for (int64_t i = 0; i < task->n; i++) {
+/* A backward's copies: qs and gp [n, dp] (scaled q, grad), the first `keys` keys transposed into kt and values
+   into vt ([dp, width]) and keys into kp ([width, dp]); gk and gv (adjacent, `rows` rows each) zeroed; delta[i] =
+   rowsum(grad * out) of the head's n queries. */
+static void backward_inputs(const head_task* task, float* qs, float* gp, float* kt, float* kp, float* vt,
+                            int64_t keys, int64_t width, float* gk, int64_t rows, float* delta) {
+  int64_t n = task->n, dim = task->dim, dp = round_up(dim, COLS);
+  copy_padded(qs, task->q, task->qkv_row, n, dim, n, dp, task->scale);
+  copy_padded(gp, task->grad, task->out_row, n, dim, n, dp, 1.0f);
+  copy_transposed(kt, task->k, task->qkv_row, keys, dim, width, dp);
+  copy_padded(kp, task->k, task->qkv_row, keys, dim, width, dp, 1.0f);
+  copy_transposed(vt, task->v, task->qkv_row, keys, dim, width, dp);
+  memset(gk, 0, 2 * rows * dp * sizeof(float)); /* gk and gv */
+  for (int64_t i = 0; i < n; i++) {
     float sum = 0.0f;
-    for (int64_t c = 0; c < task->dim; c++) sum += task->grad[i * task->out_row + c] * task->out[i * task->out_row + c];
+    for (int64_t c = 0; c < dim; c++) sum += task->grad[i * task->out_row + c] * task->out[i * task->out_row + c];
     delta[i] = sum;
   }
 }
@@ -745,13 +755,7 @@ WIDE static void backward_head(const head_task* task) {
   float *qs = task->scratch, *gp = qs + n * dp, *kt = gp + n * dp, *kp = kt + dp * np, *vt = kp + np * dp;
   float *gk = vt + dp * np, *gv = gk + np * dp, *probs = gv + np * dp, *gs = probs + BLOCK * np;
   float *gq = gs + BLOCK * np, *delta = gq + BLOCK * dp;
-  copy_padded(qs, task->q, task->qkv_row, n, dim, n, dp, task->scale);
-  copy_padded(gp, task->grad, task->out_row, n, dim, n, dp, 1.0f);
-  copy_transposed(kt, task->k, task->qkv_row, n, dim, np, dp);
-  copy_padded(kp, task->k, task->qkv_row, n, dim, np, dp, 1.0f);
-  copy_transposed(vt, task->v, task->qkv_row, n, dim, np, dp);
-  memset(gk, 0, 2 * np * dp * sizeof(float)); /* gk and gv */
-  output_gradient_sums(task, delta);
+  backward_inputs(task, qs, gp, kt, kp, vt, n, np, gk, np, delta);
   causal_backward_rows(task, qs, gp, kt, kp, vt, np, gk, gv, probs, gs, gq, delta, n);
   copy_unpadded(task->grad_k, task->grad_qkv_row, gk, n, dim, dp, 1.0f);
   copy_unpadded(task->grad_v, task->grad_qkv_row, gv, n, dim, dp, 1.0f);
@@ -794,6 +798,21 @@ static void gather_rows(float* dst, int64_t dp, const float* src, int64_t src_ro
   for (int64_t m = 0; m < count; m++) memcpy(dst + m * dp, src + positions[m] * src_row, dim * sizeof(float));
 }
 
+/* Group g of a plan: its queries' and keys' positions and counts, the last and the padded width of its rows of
+   scores (the text keys, then its keys), and its mask's rows. */
+typedef struct {
+  const int64_t *queries, *keys;
+  int64_t rows, count, last, width;
+  const uint8_t* allowed;
+} group_view;
+
+INLINE group_view group_at(const group_plan* plan, int64_t g) {
+  int64_t count = plan->key_start[g + 1] - plan->key_start[g];
+  return (group_view){plan->queries + plan->query_start[g], plan->keys + plan->key_start[g],
+                      plan->query_start[g + 1] - plan->query_start[g], count, plan->text_len + count - 1,
+                      round_up(plan->text_len + count, COLS), plan->allowed + plan->mask_start[g]};
+}
+
 /* A group's scores row (its image keys from column text_len) with the keys the mask disallows at -inf. */
 static void mask_row(float* row, int64_t text_len, const uint8_t* allowed, int64_t keys) {
   for (int64_t m = 0; m < keys; m++)
@@ -817,23 +836,20 @@ WIDE static void grouped_forward_head(const head_task* task) {
   copy_padded(vg, task->v, task->qkv_row, text, dim, wide, dp, 1.0f);
   causal_forward_rows(task, qs, kt, vg, wide, scores, o, text);
   for (int64_t g = 0; g < plan->count; g++) {
-    const int64_t *queries = plan->queries + plan->query_start[g], *keys = plan->keys + plan->key_start[g];
-    int64_t rows = plan->query_start[g + 1] - plan->query_start[g], count = plan->key_start[g + 1] - plan->key_start[g];
-    int64_t last = text + count - 1, width = round_up(text + count, COLS);
-    const uint8_t* allowed = plan->allowed + plan->mask_start[g];
-    gather_columns(kt, wide, text, task->k, task->qkv_row, keys, count, dim);
-    gather_rows(vg + text * dp, dp, task->v, task->qkv_row, keys, count, dim);
-    gather_rows(qg, dp, qs, dp, queries, rows, dp);
-    product(scores, wide, qg, dp, 1, kt, wide, rows, width, dp, 0, LIMIT_NONE, 0);
-    for (int64_t r = 0; r < rows; r++) {
+    group_view group = group_at(plan, g);
+    gather_columns(kt, wide, text, task->k, task->qkv_row, group.keys, group.count, dim);
+    gather_rows(vg + text * dp, dp, task->v, task->qkv_row, group.keys, group.count, dim);
+    gather_rows(qg, dp, qs, dp, group.queries, group.rows, dp);
+    product(scores, wide, qg, dp, 1, kt, wide, group.rows, group.width, dp, 0, LIMIT_NONE, 0);
+    for (int64_t r = 0; r < group.rows; r++) {
       float* row = scores + r * wide;
-      mask_row(row, text, allowed + r * count, count);
-      task->lse[queries[r]] = softmax_row(task, row, last, width, queries[r]);
-      unmask_row(row, text, allowed + r * count, count);
+      mask_row(row, text, group.allowed + r * group.count, group.count);
+      task->lse[group.queries[r]] = softmax_row(task, row, group.last, group.width, group.queries[r]);
+      unmask_row(row, text, group.allowed + r * group.count, group.count);
     }
-    product(o, dp, scores, wide, 1, vg, dp, rows, dp, last + 1, 0, LIMIT_NONE, 0);
-    for (int64_t r = 0; r < rows; r++)
-      copy_unpadded(task->out + queries[r] * task->out_row, task->out_row, o + r * dp, 1, dim, dp, 1.0f);
+    product(o, dp, scores, wide, 1, vg, dp, group.rows, dp, group.last + 1, 0, LIMIT_NONE, 0);
+    for (int64_t r = 0; r < group.rows; r++)
+      copy_unpadded(task->out + group.queries[r] * task->out_row, task->out_row, o + r * dp, 1, dim, dp, 1.0f);
   }
 }
 
@@ -854,44 +870,35 @@ WIDE static void grouped_backward_head(const head_task* task) {
   float *added = kg + wide * dp, *gk = added + wide * dp, *gv = gk + key_rows * dp, *probs = gv + key_rows * dp;
   float *gs = probs + tall * wide, *gq = gs + tall * wide, *qg = gq + tall * dp, *gg = qg + plan->max_queries * dp;
   float* delta = gg + plan->max_queries * dp;
-  copy_padded(qs, task->q, task->qkv_row, n, dim, n, dp, task->scale);
-  copy_padded(gp, task->grad, task->out_row, n, dim, n, dp, 1.0f);
-  copy_transposed(kt, task->k, task->qkv_row, text, dim, wide, dp);
-  copy_padded(kg, task->k, task->qkv_row, text, dim, wide, dp, 1.0f);
-  copy_transposed(vt, task->v, task->qkv_row, text, dim, wide, dp);
-  memset(gk, 0, 2 * key_rows * dp * sizeof(float)); /* gk and gv */
-  output_gradient_sums(task, delta);
+  backward_inputs(task, qs, gp, kt, kg, vt, text, wide, gk, key_rows, delta);
   causal_backward_rows(task, qs, gp, kt, kg, vt, wide, gk, gv, probs, gs, gq, delta, text);
   for (int64_t g = 0; g < plan->count; g++) {
-    const int64_t *queries = plan->queries + plan->query_start[g], *keys = plan->keys + plan->key_start[g];
-    int64_t rows = plan->query_start[g + 1] - plan->query_start[g], count = plan->key_start[g + 1] - plan->key_start[g];
-    int64_t last = text + count - 1, width = round_up(text + count, COLS);
-    const uint8_t* allowed = plan->allowed + plan->mask_start[g];
-    gather_columns(kt, wide, text, task->k, task->qkv_row, keys, count, dim);
-    gather_columns(vt, wide, text, task->v, task->qkv_row, keys, count, dim);
-    gather_rows(kg + text * dp, dp, task->k, task->qkv_row, keys, count, dim);
-    gather_rows(qg, dp, qs, dp, queries, rows, dp);
-    gather_rows(gg, dp, gp, dp, queries, rows, dp);
-    product(probs, wide, qg, dp, 1, kt, wide, rows, width, dp, 0, LIMIT_NONE, 0);
-    product(gs, wide, gg, dp, 1, vt, wide, rows, width, dp, 0, LIMIT_NONE, 0);
-    for (int64_t r = 0; r < rows; r++) {
+    group_view group = group_at(plan, g);
+    gather_columns(kt, wide, text, task->k, task->qkv_row, group.keys, group.count, dim);
+    gather_columns(vt, wide, text, task->v, task->qkv_row, group.keys, group.count, dim);
+    gather_rows(kg + text * dp, dp, task->k, task->qkv_row, group.keys, group.count, dim);
+    gather_rows(qg, dp, qs, dp, group.queries, group.rows, dp);
+    gather_rows(gg, dp, gp, dp, group.queries, group.rows, dp);
+    product(probs, wide, qg, dp, 1, kt, wide, group.rows, group.width, dp, 0, LIMIT_NONE, 0);
+    product(gs, wide, gg, dp, 1, vt, wide, group.rows, group.width, dp, 0, LIMIT_NONE, 0);
+    for (int64_t r = 0; r < group.rows; r++) {
       float *p = probs + r * wide, *gr = gs + r * wide;
-      mask_row(p, text, allowed + r * count, count);
-      exp_shifted(p, last, width, task->lse[queries[r]]);
-      unmask_row(p, text, allowed + r * count, count);
-      softmax_gradient_row(task, p, gr, last, width, queries[r], delta[queries[r]]);
+      mask_row(p, text, group.allowed + r * group.count, group.count);
+      exp_shifted(p, group.last, group.width, task->lse[group.queries[r]]);
+      unmask_row(p, text, group.allowed + r * group.count, group.count);
+      softmax_gradient_row(task, p, gr, group.last, group.width, group.queries[r], delta[group.queries[r]]);
     }
     /* The text keys' terms add to their rows of gv and gk in place, the group's keys' through `added`. */
-    product(gv, dp, probs, 1, wide, gg, dp, text, dp, rows, 0, LIMIT_NONE, 1);
-    product(added, dp, probs + text, 1, wide, gg, dp, count, dp, rows, 0, LIMIT_NONE, 0);
-    scatter_add_rows(gv, added, keys, count, dp);
-    product(gk, dp, gs, 1, wide, qg, dp, text, dp, rows, 0, LIMIT_NONE, 1);
-    product(added, dp, gs + text, 1, wide, qg, dp, count, dp, rows, 0, LIMIT_NONE, 0);
-    scatter_add_rows(gk, added, keys, count, dp);
-    product(gq, dp, gs, wide, 1, kg, dp, rows, dp, last + 1, 0, LIMIT_NONE, 0);
-    for (int64_t r = 0; r < rows; r++)
-      copy_unpadded(task->grad_q + queries[r] * task->grad_qkv_row, task->grad_qkv_row, gq + r * dp, 1, dim, dp,
-                    task->scale);
+    product(gv, dp, probs, 1, wide, gg, dp, text, dp, group.rows, 0, LIMIT_NONE, 1);
+    product(added, dp, probs + text, 1, wide, gg, dp, group.count, dp, group.rows, 0, LIMIT_NONE, 0);
+    scatter_add_rows(gv, added, group.keys, group.count, dp);
+    product(gk, dp, gs, 1, wide, qg, dp, text, dp, group.rows, 0, LIMIT_NONE, 1);
+    product(added, dp, gs + text, 1, wide, qg, dp, group.count, dp, group.rows, 0, LIMIT_NONE, 0);
+    scatter_add_rows(gk, added, group.keys, group.count, dp);
+    product(gq, dp, gs, wide, 1, kg, dp, group.rows, dp, group.last + 1, 0, LIMIT_NONE, 0);
+    for (int64_t r = 0; r < group.rows; r++)
+      copy_unpadded(task->grad_q + group.queries[r] * task->grad_qkv_row, task->grad_qkv_row, gq + r * dp, 1, dim,
+                    dp, task->scale);
   }
   copy_unpadded(task->grad_k, task->grad_qkv_row, gk, n, dim, dp, 1.0f);
   copy_unpadded(task->grad_v, task->grad_qkv_row, gv, n, dim, dp, 1.0f);
@@ -904,8 +911,9 @@ static int each_head(head_task shared, int64_t batch, int64_t heads, const int64
   if (!dalle_wide_kernels_run()) return 2;
   int failed = 0;
   int64_t n = shared.n, dim = shared.dim, scratch_floats;
-  if (shared.groups)
-    scratch_floats = backward ? grouped_backward_scratch(n, dim, shared.groups) : grouped_forward_scratch(n, dim, shared.groups);
+  const group_plan* groups = shared.groups;
+  if (groups)
+    scratch_floats = backward ? grouped_backward_scratch(n, dim, groups) : grouped_forward_scratch(n, dim, groups);
   else
     scratch_floats = backward ? backward_scratch(n, dim) : forward_scratch(n, dim);
 #pragma omp parallel num_threads(threads)
