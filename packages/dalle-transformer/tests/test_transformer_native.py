@@ -5,6 +5,7 @@ and training steps; their failures to build."""
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import math
 import stat
 import sys
@@ -484,6 +485,22 @@ def test_kernel_groups_hold_every_image_query_once_with_exactly_its_allowed_keys
         assert mask.sum() <= groups.pairs < n * (n + 1) // 2, pattern  # less work than causal attention
     with pytest.raises(ValueError, match=r"axial_row: expected a sequence of 10\.\.34 positions, got 9"):
         kernel_groups(AttentionPattern("axial_row", 9, 5), 9)
+
+
+def test_groups_the_kernel_would_read_past_are_refused() -> None:
+    groups = kernel_groups(AttentionPattern("axial_row", 9, 5), 33)
+    keys = groups.keys.clone()
+    keys[-1] = 33  # one past the sequence
+    wrong = {
+        "keys": (keys, r"expected keys among the image positions 9\.\.32"),
+        "allowed": (groups.allowed.bool(), "expected a contiguous uint8 mask, got torch.bool"),
+        "mask_start": (groups.mask_start[:-1], r"expected as many starts of each kind"),
+        "queries": (groups.queries.int(), "expected contiguous int64 positions and starts"),
+        "max_keys": (groups.max_keys - 1, r"expected max_queries and max_keys \(5, 5\), got \(5, 4\)"),
+    }
+    for field, (value, message) in wrong.items():
+        with pytest.raises(ShapeError, match="AttentionGroups: " + message):
+            dataclasses.replace(groups, **{field: value})
 
 
 @needs_compiler

@@ -557,6 +557,12 @@ class AttentionGroups:
     max_queries: int
     max_keys: int
 
+    def __post_init__(self) -> None:
+        # The kernel reads these by index without bounds: anything inconsistent is refused here, not read past.
+        problem = _groups_problem(self)
+        if problem is not None:
+            raise ShapeError(f"AttentionGroups: {problem}")
+
     @property
     def count(self) -> int:
         return self.query_start.numel() - 1
@@ -569,6 +575,33 @@ class AttentionGroups:
         keys = (self.key_start[1:] - self.key_start[:-1]).tolist()
         text = self.text_len
         return text * (text + 1) // 2 + sum(q * (text + k) for q, k in zip(queries, keys, strict=True))
+
+
+def _groups_problem(groups: AttentionGroups) -> str | None:
+    indices = (groups.query_start, groups.queries, groups.key_start, groups.keys, groups.mask_start)
+    if any(type(t) is not torch.Tensor or t.device.type != "cpu" or t.dim() != 1 for t in (*indices, groups.allowed)):
+        return "expected 1-D CPU tensors"
+    if any(t.dtype != torch.int64 or not t.is_contiguous() for t in indices):
+        return f"expected contiguous int64 positions and starts, got {[t.dtype for t in indices]}"
+    if groups.allowed.dtype != torch.uint8 or not groups.allowed.is_contiguous():
+        return f"expected a contiguous uint8 mask, got {groups.allowed.dtype}"
+    starts = (groups.query_start, groups.key_start, groups.mask_start)
+    if len({t.numel() for t in starts}) != 1 or groups.query_start.numel() < 2:
+        return f"expected as many starts of each kind (one more than groups), got {[t.numel() for t in starts]}"
+    queries, keys = groups.query_start.diff(), groups.key_start.diff()
+    if (queries < 1).any() or (keys < 0).any() or bool((groups.mask_start.diff() != queries * keys).any()):
+        return "expected groups of at least one query whose masks hold a row per query and a column per key"
+    totals = (len(groups.queries), len(groups.keys), len(groups.allowed))
+    if any(int(t[0]) != 0 or int(t[-1]) != total for t, total in zip(starts, totals, strict=True)):
+        return "expected starts from 0 to the length of the positions and of the mask"
+    text, length = groups.text_len, groups.length
+    for name, positions in (("queries", groups.queries), ("keys", groups.keys)):
+        if len(positions) and not (text <= int(positions.min()) and int(positions.max()) < length):
+            return f"expected {name} among the image positions {text}..{length - 1}"
+    largest = (int(queries.max()), int(keys.max()))
+    if (groups.max_queries, groups.max_keys) != largest:
+        return f"expected max_queries and max_keys {largest}, got {(groups.max_queries, groups.max_keys)}"
+    return None
 
 
 class _GroupPlan(ctypes.Structure):  # native.c's group_plan
