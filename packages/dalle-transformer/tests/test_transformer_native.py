@@ -392,26 +392,26 @@ def test_causal_attention_and_its_gradient_match_float64_sdpa(
         qkv = torch.randn(3, batch, heads, n, dim, generator=generator) * magnitude
     # A contiguous gradient (the kernel's output is [B, n, H, D] underneath): the backward copies it to that layout.
     grad = torch.randn(batch, heads, n, dim, generator=generator)
-    mask = torch.ones(n, n, dtype=torch.bool).tril()
-    expected, sdpa, expected_grad, sdpa_grad = sdpa_references(qkv, grad, mask)
+    expected, sdpa, expected_grad, sdpa_grad = sdpa_references(qkv, grad, None)
 
     out, lse = native.causal_attention(library, qkv)
     assert_as_close_as(out, sdpa, expected)
-    torch.testing.assert_close(lse, masked_logsumexp(qkv, mask), rtol=1e-5, atol=1e-5)
+    causal = torch.ones(n, n, dtype=torch.bool).tril()
+    torch.testing.assert_close(lse, masked_logsumexp(qkv, causal), rtol=1e-5, atol=1e-5)
     grad_qkv = native.causal_attention_backward(library, qkv, out, lse, grad)
     assert grad_qkv.shape == qkv.shape and grad_qkv.permute(1, 3, 0, 2, 4).is_contiguous()
     assert_as_close_as(grad_qkv, sdpa_grad, expected_grad)
 
 
 def sdpa_references(
-    qkv: torch.Tensor, grad: torch.Tensor, mask: torch.Tensor
+    qkv: torch.Tensor, grad: torch.Tensor, mask: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """SDPA under ``mask`` over ``q, k, v = qkv``: its output in float64 and float32, then its gradient for ``qkv``
-    (for ``grad``, the output's) in float64 and float32."""
+    """SDPA under ``mask`` (None: ``is_causal``) over ``q, k, v = qkv``: its output in float64 and float32, then its
+    gradient for ``qkv`` (for ``grad``, the output's) in float64 and float32."""
     exact, in_float32 = qkv.detach().double().requires_grad_(), qkv.detach().clone().requires_grad_()
-    expected = F.scaled_dot_product_attention(*exact.unbind(0), attn_mask=mask)
+    expected = F.scaled_dot_product_attention(*exact.unbind(0), attn_mask=mask, is_causal=mask is None)
     expected.backward(grad.double())
-    sdpa = F.scaled_dot_product_attention(*in_float32.unbind(0), attn_mask=mask)
+    sdpa = F.scaled_dot_product_attention(*in_float32.unbind(0), attn_mask=mask, is_causal=mask is None)
     sdpa.backward(grad)
     assert exact.grad is not None and in_float32.grad is not None
     return expected, sdpa, exact.grad, in_float32.grad

@@ -741,12 +741,19 @@ static void backward_inputs(const head_task* task, float* qs, float* gp, float* 
   }
 }
 
+/* A forward's copies: qs [n, dp] (scaled q), the first `keys` keys transposed into kt ([dp, width]) and values
+   into vp ([width, dp]). */
+static void forward_inputs(const head_task* task, float* qs, float* kt, float* vp, int64_t keys, int64_t width) {
+  int64_t n = task->n, dim = task->dim, dp = round_up(dim, COLS);
+  copy_padded(qs, task->q, task->qkv_row, n, dim, n, dp, task->scale);
+  copy_transposed(kt, task->k, task->qkv_row, keys, dim, width, dp);
+  copy_padded(vp, task->v, task->qkv_row, keys, dim, width, dp, 1.0f);
+}
+
 WIDE static void forward_head(const head_task* task) {
   int64_t n = task->n, dim = task->dim, dp = round_up(dim, COLS), np = round_up(n, COLS);
   float *qs = task->scratch, *kt = qs + n * dp, *vp = kt + dp * np, *scores = vp + np * dp, *o = scores + BLOCK * np;
-  copy_padded(qs, task->q, task->qkv_row, n, dim, n, dp, task->scale);
-  copy_transposed(kt, task->k, task->qkv_row, n, dim, np, dp);
-  copy_padded(vp, task->v, task->qkv_row, n, dim, np, dp, 1.0f);
+  forward_inputs(task, qs, kt, vp, n, np);
   causal_forward_rows(task, qs, kt, vp, np, scores, o, n);
 }
 
@@ -831,9 +838,7 @@ WIDE static void grouped_forward_head(const head_task* task) {
   int64_t wide = group_wide(plan), tall = group_tall(plan);
   float *qs = task->scratch, *kt = qs + n * dp, *vg = kt + dp * wide, *scores = vg + wide * dp;
   float *o = scores + tall * wide, *qg = o + tall * dp;
-  copy_padded(qs, task->q, task->qkv_row, n, dim, n, dp, task->scale);
-  copy_transposed(kt, task->k, task->qkv_row, text, dim, wide, dp);
-  copy_padded(vg, task->v, task->qkv_row, text, dim, wide, dp, 1.0f);
+  forward_inputs(task, qs, kt, vg, text, wide);
   causal_forward_rows(task, qs, kt, vg, wide, scores, o, text);
   for (int64_t g = 0; g < plan->count; g++) {
     group_view group = group_at(plan, g);
@@ -940,9 +945,9 @@ static int each_head(head_task shared, int64_t batch, int64_t heads, const int64
         task.grad_q = shared.grad_q + b * grad_strides[1] + h * grad_strides[2];
         task.grad_k = task.grad_q + grad_strides[0];
         task.grad_v = task.grad_k + grad_strides[0];
-        (shared.groups ? grouped_backward_head : backward_head)(&task);
+        (groups ? grouped_backward_head : backward_head)(&task);
       } else {
-        (shared.groups ? grouped_forward_head : forward_head)(&task);
+        (groups ? grouped_forward_head : forward_head)(&task);
       }
     }
     free(scratch);

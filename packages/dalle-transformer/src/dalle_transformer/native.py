@@ -567,6 +567,18 @@ class AttentionGroups:
     def count(self) -> int:
         return self.query_start.numel() - 1
 
+    @functools.cached_property
+    def plan(self) -> _GroupPlan:
+        """native.c's ``group_plan`` of these tensors (which this object keeps alive), made once."""
+        return _GroupPlan(
+            self.text_len,
+            self.count,
+            self.max_queries,
+            self.max_keys,
+            *(t.data_ptr() for t in (self.query_start, self.queries, self.key_start, self.keys, self.mask_start)),
+            self.allowed.data_ptr(),
+        )
+
     @property
     def pairs(self) -> int:
         """(query, key) scores computed per batch row and head: the text queries' causal ones, then each image
@@ -617,15 +629,7 @@ def _group_plan(groups: AttentionGroups | None, n: int) -> _GroupPlan | None:
         return None
     if groups.length != n:
         raise ShapeError(f"causal_attention: groups made for {groups.length} positions, got a sequence of {n}")
-    return _GroupPlan(
-        groups.text_len,
-        groups.count,
-        groups.max_queries,
-        groups.max_keys,
-        *(t.data_ptr() for t in (groups.query_start, groups.queries, groups.key_start, groups.keys)),
-        groups.mask_start.data_ptr(),
-        groups.allowed.data_ptr(),
-    )
+    return groups.plan
 
 
 def causal_attention_takes(qkv: torch.Tensor) -> bool:
