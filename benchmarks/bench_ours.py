@@ -12,7 +12,7 @@ import sys
 
 import torch
 from configs import CONFIGS, GENERATE_BATCH, NUM_IMAGE_TOKENS, NUM_TEXT_TOKENS, PEER_ARCHITECTURE, TRAIN_BATCH
-from timing import median_seconds, peak_rss_mib, random_batch, run_measurement
+from timing import median_seconds, peak_rss_mib, random_batch, run_measurement, seconds_and_gemm_flops
 
 from dalle_train.config import OptimizerConfig
 from dalle_train.optim import build_adamw
@@ -33,8 +33,9 @@ def build(name: str, attention: str) -> DALLE:
 
 
 def train(name: str, attention: str, repeats: int, compiled: bool = False) -> dict:
-    """Tokens/s of training steps; ``compiled``: with ``loop.compile`` (``nn.Module.compile``; the first step,
-    which compiles, timed apart)."""
+    """Tokens/s of training steps, and this machine's GEMM FLOP/s measured just before and after them (for the
+    fraction of it that the steps reach); ``compiled``: with ``loop.compile`` (``nn.Module.compile``; the first
+    step, which compiles, timed apart)."""
     config = CONFIGS[name]
     model = build(name, attention).train()
     if compiled:
@@ -50,7 +51,7 @@ def train(name: str, attention: str, repeats: int, compiled: bool = False) -> di
         optimizer.step()
 
     first = median_seconds(step, repeats=1, warmup=0) if compiled else None
-    seconds = median_seconds(step, repeats, warmup=2)
+    seconds, gemm_flops = seconds_and_gemm_flops(step, repeats, warmup=2)
     tokens = TRAIN_BATCH * (config["text_seq_len"] + config["image_fmap_size"] ** 2)
     # Attention score pairs of one training forward, all layers, per batch row and head (x 4 * dim_head for FLOPs).
     work = forward_attention_work(model.config)
@@ -58,6 +59,7 @@ def train(name: str, attention: str, repeats: int, compiled: bool = False) -> di
         "first_step_seconds": first,
         "seconds_per_step": seconds,
         "tokens_per_s": tokens / seconds,
+        "gemm_flops": gemm_flops,
         "peak_mib": peak_rss_mib() - before,
         "attention_pairs": {"dense": work.dense, "allowed": work.allowed, "executed": work.efficient},
     }

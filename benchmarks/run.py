@@ -212,7 +212,8 @@ def append_markdown(results: dict, path: Path) -> None:
         f"\n## {info['date']}: {info['processor']} ({info.get('cpu_capability', '?')}), {info['threads']} threads, "
         f"torch {info['torch']}\n",
         f"Machine: `{info['platform']}`; measured fp32 GEMM (1024^3): through PyTorch's BLAS (sgemm) "
-        f"{sgemm_flops / 1e9:.1f} GFLOP/s{onednn_note}; the sgemm fraction below is of the faster. Medians of repeated "
+        f"{sgemm_flops / 1e9:.1f} GFLOP/s{onednn_note}; the sgemm fraction below is of the faster, as measured again "
+        "just before and after each training measurement's steps, in its process. Medians of repeated "
         "runs, each measurement in a fresh process"
         + (f", medians over {results['rounds']} interleaved rounds" if results.get("rounds", 1) > 1 else "")
         + "; ratios are ours / DALLE-pytorch 1.6.6 measured in the same run.\n",
@@ -233,7 +234,7 @@ def append_markdown(results: dict, path: Path) -> None:
         fraction = "n/a"
         if "tokens_per_s" in train and attention == "full":
             flops = train["tokens_per_s"] * model_flops_per_training_token(configs[name])
-            fraction = f"{flops / best_flops:.0%}"
+            fraction = f"{flops / train.get('gemm_flops', best_flops):.0%}"
         memory = (
             f"{train['peak_mib']:.0f} / {peer_train['peak_mib']:.0f}"
             if peer_train and "peak_mib" in train and "peak_mib" in peer_train

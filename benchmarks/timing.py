@@ -51,6 +51,23 @@ def onednn_gemm_flops(size: int = 1024, repeats: int = 10) -> float | None:
     return _product_flops(lambda a, b: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], ""), size, repeats)
 
 
+def best_gemm_flops(repeats: int = 3) -> float:
+    """The faster of :func:`sgemm_flops` and :func:`onednn_gemm_flops` (each a median of ``repeats``), FLOP/s."""
+    return max(sgemm_flops(repeats=repeats), onednn_gemm_flops(repeats=repeats) or 0.0)
+
+
+def seconds_and_gemm_flops(function: Callable[[], object], repeats: int, warmup: int = 1) -> tuple[float, float]:
+    """:func:`median_seconds` of ``function``, and :func:`best_gemm_flops` measured just before and just after its
+    timed calls (their mean): a fraction of the machine's GEMM rate taken from the two then reads the machine in the
+    same seconds. (This VM's speed drifts by a third within minutes, so a rate measured once for a whole run can
+    fall in a faster or a slower minute than the calls it is compared with.)"""
+    for _ in range(warmup):
+        function()
+    before = best_gemm_flops()
+    seconds = median_seconds(function, repeats, warmup=0)
+    return seconds, (before + best_gemm_flops()) / 2
+
+
 def _product_flops(product: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], size: int, repeats: int) -> float:
     """FLOP/s of ``product`` on two random ``size x size`` float32 matrices (median of ``repeats``)."""
     a, b = torch.randn(size, size), torch.randn(size, size)

@@ -598,6 +598,54 @@ def test_a_model_trains_alike_with_and_without_the_attention_kernels(
 
 
 @needs_compiler
+@pytest.mark.filterwarnings("ignore:Your compiler for AOTAutograd is returning a function")  # the recording backend's
+def test_compiled_training_calls_the_kernels_and_gives_the_eager_step() -> None:
+    """torch.compile cannot trace the kernels' ctypes calls; it calls them as operators (attention forward and
+    backward, for causal and grouped layers, and the loss with its gradient) where it traced PyTorch's attention and
+    log-softmax before, which made compiled training on the CPU slower than eager. With dropout, the compiled graph
+    draws its seeds as eager code does, a new one at every call."""
+    from torch._dynamo.testing import AotEagerAndRecordGraphs
+
+    wide_library()
+    config = DALLEConfig(
+        num_text_tokens=30, text_seq_len=7, num_image_tokens=16, image_fmap_size=4, dim=32, depth=2, heads=2,
+        dim_head=16, attn_types=("full", "axial_row"), attn_dropout=0.2,
+    )  # fmt: skip
+    generator = torch.Generator().manual_seed(1)
+    text, image = torch.randint(1, 30, (2, 7), generator=generator), torch.randint(0, 16, (2, 16), generator=generator)
+    torch.manual_seed(0)
+    model = DALLE(config).train()
+
+    def step(seed: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        model.zero_grad()
+        torch.manual_seed(seed)  # the dropout seeds
+        loss = model.loss(text, image).loss
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    eager_loss, eager_grads = step(1)
+    backend = AotEagerAndRecordGraphs()  # runs the traced graphs as they are: the same random draws as eager
+    model.compile(backend=backend)
+    loss, grads = step(1)
+    torch.testing.assert_close(loss, eager_loss)
+    for grad, expected in zip(grads, eager_grads, strict=True):
+        torch.testing.assert_close(grad, expected, rtol=1e-4, atol=1e-5)
+    assert not torch.equal(step(2)[0], loss)  # another seed, other probabilities dropped
+    forward = "".join(graph.code for graph in backend.fw_graphs)
+    backward = "".join(graph.code for graph in backend.bw_graphs)
+    assert forward.count("dalle_transformer.causal_attention.default") == config.depth
+    assert forward.count("dalle_transformer.cross_entropy_with_gradient.default") == 2  # text and image losses
+    assert backward.count("dalle_transformer.causal_attention_backward.default") == config.depth
+
+
+@needs_compiler
+def test_the_compiled_loss_names_a_target_outside_the_vocabulary() -> None:
+    logits = torch.randn(3, 10, requires_grad=True)
+    with pytest.raises(IndexError, match=r"expected targets in \[0, 10\), got 12"):
+        torch.ops.dalle_transformer.cross_entropy_with_gradient(logits, torch.tensor([1, 12, 2]))
+
+
+@needs_compiler
 def test_text_only_passes_of_other_patterns_use_the_causal_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
     # Text queries attend causally in every pattern, so a pass over text alone is full attention in axial layers too.
     wide_library()

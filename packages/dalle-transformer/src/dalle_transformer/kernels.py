@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, cast
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -52,9 +52,9 @@ def attend_dense(
 
 def attend_causal(qkv: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor | None:
     """Causal attention over ``q, k, v = qkv`` (``[3, B, H, n, D]``), what ``attend_efficient`` computes for the
-    ``full`` pattern, in the native library's kernels (with autograd); None where they do not take ``qkv`` (not built,
-    another CPU or dtype, under ``torch.compile``). Dropout draws its seed from PyTorch's default generator (the kept
-    probabilities differ from SDPA's)."""
+    ``full`` pattern, in the native library's kernels (with autograd, and under ``torch.compile`` as an operator it
+    keeps whole); None where they do not take ``qkv`` (not built, another CPU, device or dtype). Dropout draws its
+    seed from PyTorch's default generator (the kept probabilities differ from SDPA's)."""
     return _attend_native(qkv, dropout_p, None)
 
 
@@ -66,35 +66,87 @@ def attend_grouped(qkv: torch.Tensor, pattern: AttentionPattern, dropout_p: floa
     return _attend_native(qkv, dropout_p, pattern)
 
 
+@torch.compiler.assume_constant_result
+def _native_attention_runs() -> bool:
+    """Whether the native library is built here and runs its attention kernels (AVX-512): a fact of the process,
+    which ``torch.compile`` reads once instead of tracing the library's loading."""
+    library = native.default_library()
+    return library is not None and native.wide_kernels_run(library)
+
+
 def _attend_native(qkv: torch.Tensor, dropout_p: float, pattern: AttentionPattern | None) -> torch.Tensor | None:
-    library = native.library_for(qkv)
-    if library is None or not native.wide_kernels_run(library) or not native.causal_attention_takes(qkv):
+    if torch.compiler.is_compiling():
+        # Traced values are not plain tensors, and their strides are settled when the compiled code runs (the
+        # operator makes the last dim contiguous where it is not).
+        takes = qkv.device.type == "cpu" and qkv.dtype == torch.float32 and qkv.dim() == 5 and qkv.shape[0] == 3
+        takes = takes and 1 <= qkv.shape[4] <= native.MAX_DIM
+    else:
+        takes = native.library_for(qkv) is not None and native.causal_attention_takes(qkv)
+    if not takes or not _native_attention_runs():
         return None
-    groups = None if pattern is None else kernel_groups(pattern, qkv.shape[3])
-    seed = int(torch.randint(2**32, (), dtype=torch.int64)) if dropout_p > 0.0 else 0
-    if torch.is_grad_enabled() and qkv.requires_grad:
-        return cast(torch.Tensor, _CausalAttention.apply(qkv, library, dropout_p, seed, groups))
-    return native.causal_attention(library, qkv, dropout_p, seed, groups)[0]
+    kind, *sizes = dataclasses.astuple(pattern) if pattern is not None else ("full",)
+    # The seed as a tensor: a compiled graph then draws a new one at every call, where an int would be baked in.
+    seed = torch.randint(2**32, (), dtype=torch.int64) if dropout_p > 0.0 else torch.zeros((), dtype=torch.int64)
+    return _causal_attention(qkv, dropout_p, seed, kind, sizes)[0]
 
 
-class _CausalAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(
-        ctx: Any, qkv: torch.Tensor, library: Any, dropout_p: float, seed: int, groups: native.AttentionGroups | None
-    ) -> torch.Tensor:
-        out, lse = native.causal_attention(library, qkv, dropout_p, seed, groups)
-        ctx.library, ctx.dropout_p, ctx.seed, ctx.groups = library, dropout_p, seed, groups
-        ctx.save_for_backward(qkv, out, lse)
-        return out
+def _groups(kind: str, sizes: list[int], length: int) -> native.AttentionGroups | None:
+    return None if kind == "full" else kernel_groups(AttentionPattern(kind, *sizes), length)
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        qkv, out, lse = ctx.saved_tensors
-        grad_qkv = native.causal_attention_backward(
-            ctx.library, qkv, out, lse, grad, ctx.dropout_p, ctx.seed, ctx.groups
-        )
-        return grad_qkv, None, None, None, None
+
+# The kernels as operators (``dalle_transformer::causal_attention`` and its backward), so that torch.compile calls
+# them as they are (it cannot trace their ctypes calls) and eager code runs the same: ``kind, sizes`` are the
+# pattern's fields (``"full"``: causal attention), ``seed`` an int64 scalar tensor.
+@torch.library.custom_op("dalle_transformer::causal_attention", mutates_args=())
+def _causal_attention(
+    qkv: torch.Tensor, dropout_p: float, seed: torch.Tensor, kind: str, sizes: list[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    qkv = qkv if qkv.stride(4) == 1 else qkv.contiguous()
+    groups = _groups(kind, sizes, qkv.shape[3])
+    return native.causal_attention(native.required_library(), qkv, dropout_p, int(seed), groups)
+
+
+@_causal_attention.register_fake
+def _(qkv: torch.Tensor, *_: object) -> tuple[torch.Tensor, torch.Tensor]:
+    batch, heads, n, dim = qkv.shape[1:]
+    return qkv.new_empty(batch, n, heads, dim).transpose(1, 2), qkv.new_empty(batch, heads, n)  # as the kernel's
+
+
+@torch.library.custom_op("dalle_transformer::causal_attention_backward", mutates_args=())
+def _causal_attention_backward(
+    qkv: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    grad: torch.Tensor,
+    dropout_p: float,
+    seed: torch.Tensor,
+    kind: str,
+    sizes: list[int],
+) -> torch.Tensor:
+    qkv = qkv if qkv.stride(4) == 1 else qkv.contiguous()
+    groups = _groups(kind, sizes, qkv.shape[3])
+    library = native.required_library()
+    return native.causal_attention_backward(library, qkv, out, lse, grad, dropout_p, int(seed), groups)
+
+
+@_causal_attention_backward.register_fake
+def _(qkv: torch.Tensor, *_: object) -> torch.Tensor:
+    batch, heads, n, dim = qkv.shape[1:]
+    return qkv.new_empty(batch, n, 3, heads, dim).permute(2, 0, 3, 1, 4)  # the layout of the kernel's gradient
+
+
+def _save_for_backward(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, torch.Tensor]) -> None:
+    qkv, ctx.dropout_p, seed, ctx.kind, ctx.sizes = inputs
+    ctx.save_for_backward(qkv, *output, seed)
+
+
+def _backward(ctx: Any, grad: torch.Tensor, _grad_lse: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    qkv, out, lse, seed = ctx.saved_tensors
+    grad_qkv = _causal_attention_backward(qkv, out, lse, grad, ctx.dropout_p, seed, ctx.kind, ctx.sizes)
+    return grad_qkv, None, None, None, None
+
+
+_causal_attention.register_autograd(_backward, setup_context=_save_for_backward)
 
 
 def attend_efficient(

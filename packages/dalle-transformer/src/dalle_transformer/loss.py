@@ -5,7 +5,7 @@ log-softmax backward: six passes over a tensor the size of the logits (a text vo
 position makes that the largest activation of a small model), with log-probabilities of that size kept between.
 Where :mod:`dalle_transformer.native` is built, the forward is one pass that also writes the gradient
 (``softmax - one_hot``, kept instead of the log-probabilities) and the backward scales it. Same values up to float
-rounding; ``torch.compile`` traces ``F.cross_entropy``.
+rounding; ``torch.compile`` calls the kernel as an operator in training, and traces ``F.cross_entropy`` elsewhere.
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """``F.cross_entropy`` of ``logits`` ``[..., vocab]`` (upcast) against ``targets`` ``int64[...]``: the mean over
     all positions."""
     flat, flat_targets = upcast(logits).flatten(0, -2), targets.flatten()
+    if torch.compiler.is_compiling():
+        return _compiled_cross_entropy(flat, flat_targets)
     library = native.library_for(flat)
     if library is not None and native.cross_entropy_takes(flat, flat_targets):
         needs_grad = torch.is_grad_enabled() and flat.requires_grad
@@ -52,3 +54,49 @@ class _MeanWithGradient(torch.autograd.Function):
     def backward(ctx: Any, grad_mean: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         (grad,) = ctx.saved_tensors
         return grad * (grad_mean / grad.shape[0]), None, None
+
+
+def _compiled_cross_entropy(flat: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """:func:`cross_entropy` under ``torch.compile``: in training, the kernel as an operator that it keeps whole
+    (inductor's log-softmax and its backward make more passes over the logits)."""
+    takes = flat.device.type == "cpu" and flat.dtype == torch.float32 and flat.shape[0] > 0 and flat.shape[1] > 0
+    takes = takes and targets.device.type == "cpu" and targets.dtype == torch.int64
+    if takes and torch.is_grad_enabled() and flat.requires_grad and _kernels_built():
+        return _cross_entropy_with_gradient(flat, targets)[0].mean()
+    return F.cross_entropy(flat, targets)
+
+
+@torch.compiler.assume_constant_result
+def _kernels_built() -> bool:
+    """Whether the native library is built here: a fact of the process, which ``torch.compile`` reads once instead
+    of tracing the library's loading."""
+    return native.available()
+
+
+@torch.library.custom_op("dalle_transformer::cross_entropy_with_gradient", mutates_args=())
+def _cross_entropy_with_gradient(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's loss and its gradient for the row (``native.cross_entropy``)."""
+    logits, targets = logits if logits.stride(1) == 1 else logits.contiguous(), targets.contiguous()
+    grad = torch.empty(logits.shape)
+    losses = native.cross_entropy(native.required_library(), logits, targets, grad)
+    if losses is None:
+        outside = targets[(targets < 0) | (targets >= logits.shape[1])]
+        raise IndexError(f"cross_entropy: expected targets in [0, {logits.shape[1]}), got {outside[0].item()}")
+    return losses, grad
+
+
+@_cross_entropy_with_gradient.register_fake
+def _(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return logits.new_empty(logits.shape[0]), logits.new_empty(logits.shape)
+
+
+def _keep_gradient(ctx: Any, inputs: tuple[torch.Tensor, torch.Tensor], output: tuple[torch.Tensor, ...]) -> None:
+    ctx.save_for_backward(output[1])
+
+
+def _scaled_gradient(ctx: Any, grad_losses: torch.Tensor, _: torch.Tensor | None) -> tuple[torch.Tensor | None, None]:
+    (grad,) = ctx.saved_tensors
+    return grad * grad_losses[:, None], None
+
+
+_cross_entropy_with_gradient.register_autograd(_scaled_gradient, setup_context=_keep_gradient)

@@ -256,6 +256,15 @@ def default_library() -> ctypes.CDLL | None:
     return _default_build()[0]
 
 
+def required_library() -> ctypes.CDLL:
+    """:func:`default_library`, for the operators that call the kernels (whose callers check that it is there):
+    raises :class:`NativeBuildError`, saying why, where it is not."""
+    library = default_library()
+    if library is None:
+        raise NativeBuildError(f"the native kernels are not available: {unavailable_reason()}")
+    return library
+
+
 def library_for(tensor: torch.Tensor) -> ctypes.CDLL | None:
     """:func:`default_library` for work on ``tensor``: None unless it is on the CPU, and under ``torch.compile``'s
     tracing (which must not trace the library's loading, and cannot trace its calls)."""
