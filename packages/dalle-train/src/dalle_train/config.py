@@ -80,7 +80,7 @@ class LoopConfig:
     ``compile`` runs the model's forward (and so its backward) through ``torch.compile`` (``nn.Module.compile``: the
     weights, their names and the checkpoints stay those of the plain model); it pays off on GPUs, costs a compile
     of tens of seconds at the start and after each switch between training and validation, and needs a C++
-    compiler on CPUs, where the compiled steps call the same C kernels as eager ones and are 1-3% faster.
+    compiler on CPUs, where the compiled steps call the same C kernels as eager ones and run about as fast.
     A step whose loss or gradients are not finite is skipped (and reported); ``max_nonfinite_steps`` such steps in a
     row stop the run.
     """

@@ -58,7 +58,8 @@ class _MeanWithGradient(torch.autograd.Function):
 
 def _compiled_cross_entropy(flat: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """:func:`cross_entropy` under ``torch.compile``: in training, the kernel as an operator that it keeps whole
-    (inductor's log-softmax and its backward make more passes over the logits)."""
+    (inductor's log-softmax and its backward make more passes over the logits). A target outside the vocabulary
+    raises ``IndexError`` there, ``F.cross_entropy``'s ignore index included (the model's targets never are)."""
     takes = flat.device.type == "cpu" and flat.dtype == torch.float32 and flat.shape[0] > 0 and flat.shape[1] > 0
     takes = takes and targets.device.type == "cpu" and targets.dtype == torch.int64
     if takes and torch.is_grad_enabled() and flat.requires_grad and _kernels_built():
