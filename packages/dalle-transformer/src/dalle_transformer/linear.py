@@ -136,10 +136,10 @@ def linear(
     ``(W @ x^T)^T + b``, summed over the column blocks when prepared; other float32 CPU products in oneDNN where
     :data:`ONEDNN_IS_FASTER`."""
     if isinstance(prepared, StreamedWeight):
-        flat = x.reshape(-1, x.shape[-1])
+        flat = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])  # (a decoding step's rows are 2-D already)
         if flat.shape[0] <= NATIVE_STREAMING_MAX_ROWS and native.stream_product_takes(flat, prepared.blocks, bias):
             out = native.stream_product(prepared.library, flat, prepared.blocks, prepared.out_features, bias)
-            return out.view(*x.shape[:-1], prepared.out_features)
+            return out if x.dim() == 2 else out.view(*x.shape[:-1], prepared.out_features)
         prepared = None
     if prepared is not None and prepared.is_mkldnn and _PACKED_PRODUCT is not None:  # never under torch.compile
         if x.dim() == 2:

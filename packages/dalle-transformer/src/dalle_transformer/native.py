@@ -292,15 +292,20 @@ def fallback_note(device: torch.device | str, work: str) -> str | None:
     return None if reason is None else f"{work} runs PyTorch's operators instead of its C kernels, slower: {reason}"
 
 
+# A parameter (a bias) is a plain tensor too: nn.Parameter only marks it as one.
+_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
 def _plain_cpu_float32(t: torch.Tensor) -> bool:
     """A float32 CPU tensor of PyTorch's own class (no subclass dispatching its operations elsewhere), outside
     ``torch.compile``'s tracing: what every kernel here takes."""
-    return (
-        type(t) is torch.Tensor
-        and t.device.type == "cpu"
-        and t.dtype == torch.float32
-        and not torch.compiler.is_compiling()
-    )
+    return type(t) is torch.Tensor and t.is_cpu and t.dtype == torch.float32 and not torch.compiler.is_compiling()
+
+
+def _plain_cpu_float32_vector(t: torch.Tensor) -> bool:
+    """:func:`_plain_cpu_float32` for a contiguous 1-D tensor that may be a parameter (a bias), checked without
+    ``t.data`` (which makes a tensor: a decoding step checks tens of biases)."""
+    return type(t) in _TENSOR_TYPES and t.is_cpu and t.dtype == torch.float32 and t.dim() == 1 and t.is_contiguous()
 
 
 def decode_attention_takes(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> bool:
@@ -512,7 +517,7 @@ def stream_product_takes(x: torch.Tensor, blocks: torch.Tensor, bias: torch.Tens
         and x.shape[1] == blocks.shape[1]
         and x.stride(1) == 1
         and not (torch.is_grad_enabled() and x.requires_grad)
-        and (bias is None or (_plain_cpu_float32(bias.data) and bias.dim() == 1 and bias.is_contiguous()))
+        and (bias is None or _plain_cpu_float32_vector(bias))
     )
 
 
