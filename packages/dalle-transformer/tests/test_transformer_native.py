@@ -639,10 +639,17 @@ def test_compiled_training_calls_the_kernels_and_gives_the_eager_step() -> None:
 
 
 @needs_compiler
-def test_the_compiled_loss_names_a_target_outside_the_vocabulary() -> None:
+def test_the_kernels_operators_refuse_what_the_kernels_would_read_past() -> None:
     logits = torch.randn(3, 10, requires_grad=True)
     with pytest.raises(IndexError, match=r"expected targets in \[0, 10\), got 12"):
         torch.ops.dalle_transformer.cross_entropy_with_gradient(logits, torch.tensor([1, 12, 2]))
+    with pytest.raises(ShapeError, match=r"int64 targets \[rows\], got torch.float32 \[3, 10\] and torch.int64 \[2\]"):
+        torch.ops.dalle_transformer.cross_entropy_with_gradient(logits, torch.tensor([1, 2]))
+    seed = torch.zeros((), dtype=torch.int64)
+    with pytest.raises(ShapeError, match=r"expected a float32 CPU qkv \[3, B, H, n, D\], got torch.float64"):
+        torch.ops.dalle_transformer.causal_attention(
+            torch.randn(3, 1, 2, 5, 8, dtype=torch.float64), 0.0, seed, "full", []
+        )
 
 
 @needs_compiler

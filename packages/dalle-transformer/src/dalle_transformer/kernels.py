@@ -29,6 +29,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from dalle_core.errors import ShapeError
 from dalle_transformer import native
 from dalle_transformer.masks import AttentionPattern, cached_table
 from dalle_transformer.plans import GroupBucket, decode_keys, grouped_plan, kernel_groups
@@ -75,13 +76,10 @@ def _native_attention_runs() -> bool:
 
 
 def _attend_native(qkv: torch.Tensor, dropout_p: float, pattern: AttentionPattern | None) -> torch.Tensor | None:
-    if torch.compiler.is_compiling():
-        # Traced values are not plain tensors, and their strides are settled when the compiled code runs (the
-        # operator makes the last dim contiguous where it is not).
-        takes = qkv.device.type == "cpu" and qkv.dtype == torch.float32 and qkv.dim() == 5 and qkv.shape[0] == 3
-        takes = takes and 1 <= qkv.shape[4] <= native.MAX_DIM
-    else:
-        takes = native.library_for(qkv) is not None and native.causal_attention_takes(qkv)
+    # Traced values are not plain tensors, and their strides are settled when the compiled code runs (the operator
+    # makes the last dim contiguous where it is not).
+    compiling = torch.compiler.is_compiling()
+    takes = native.causal_attention_fits(qkv) if compiling else native.causal_attention_takes(qkv)
     if not takes or not _native_attention_runs():
         return None
     kind, *sizes = dataclasses.astuple(pattern) if pattern is not None else ("full",)
@@ -90,8 +88,17 @@ def _attend_native(qkv: torch.Tensor, dropout_p: float, pattern: AttentionPatter
     return _causal_attention(qkv, dropout_p, seed, kind, sizes)[0]
 
 
-def _groups(kind: str, sizes: list[int], length: int) -> native.AttentionGroups | None:
-    return None if kind == "full" else kernel_groups(AttentionPattern(kind, *sizes), length)
+def _kernel_inputs(
+    qkv: torch.Tensor, kind: str, sizes: list[int]
+) -> tuple[torch.Tensor, native.AttentionGroups | None]:
+    """The operators' ``qkv`` as the kernels take it (checked: the operators can be called directly) and the
+    pattern's groups (None for ``"full"``)."""
+    qkv = qkv if qkv.stride(4) == 1 else qkv.contiguous()
+    if not native.causal_attention_takes(qkv):
+        raise ShapeError(f"causal_attention: expected a float32 CPU qkv [3, B, H, n, D], got {qkv.dtype} "
+                         f"{list(qkv.shape)} on {qkv.device}")  # fmt: skip
+    length = qkv.shape[3]
+    return qkv, (None if kind == "full" else kernel_groups(AttentionPattern(kind, *sizes), length))
 
 
 # The kernels as operators (``dalle_transformer::causal_attention`` and its backward), so that torch.compile calls
@@ -101,8 +108,7 @@ def _groups(kind: str, sizes: list[int], length: int) -> native.AttentionGroups 
 def _causal_attention(
     qkv: torch.Tensor, dropout_p: float, seed: torch.Tensor, kind: str, sizes: list[int]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    qkv = qkv if qkv.stride(4) == 1 else qkv.contiguous()
-    groups = _groups(kind, sizes, qkv.shape[3])
+    qkv, groups = _kernel_inputs(qkv, kind, sizes)
     return native.causal_attention(native.required_library(), qkv, dropout_p, int(seed), groups)
 
 
@@ -123,8 +129,7 @@ def _causal_attention_backward(
     kind: str,
     sizes: list[int],
 ) -> torch.Tensor:
-    qkv = qkv if qkv.stride(4) == 1 else qkv.contiguous()
-    groups = _groups(kind, sizes, qkv.shape[3])
+    qkv, groups = _kernel_inputs(qkv, kind, sizes)
     library = native.required_library()
     return native.causal_attention_backward(library, qkv, out, lse, grad, dropout_p, int(seed), groups)
 

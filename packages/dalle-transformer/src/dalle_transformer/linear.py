@@ -175,7 +175,6 @@ def _blocked_product(blocks: torch.Tensor, flat: torch.Tensor, bias: torch.Tenso
     return out
 
 
-_PLAIN_TENSORS = (torch.Tensor, nn.Parameter)
 # oneDNN's product as one resolved overload, for products with few_row_copy's packed weights (made only where
 # ONEDNN_IS_FASTER): a decoding step makes tens of them, and the overload packet's lookup is a noticeable part of each.
 _PACKED_PRODUCT = torch.ops.mkldnn._linear_pointwise.default if ONEDNN_IS_FASTER else None
@@ -190,11 +189,15 @@ def _onednn_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
         and weight.dtype == torch.float32
         and weight.dim() == 2
         and x.shape[-1] == weight.shape[1] > 0
-        and type(x) in _PLAIN_TENSORS
-        and type(weight) in _PLAIN_TENSORS
+        and type(x) in native.PLAIN_TENSOR_TYPES
+        and type(weight) in native.PLAIN_TENSOR_TYPES
         and (
             bias is None
-            or (type(bias) in _PLAIN_TENSORS and bias.dtype == torch.float32 and bias.shape == weight.shape[:1])
+            or (
+                type(bias) in native.PLAIN_TENSOR_TYPES
+                and bias.dtype == torch.float32
+                and bias.shape == weight.shape[:1]
+            )
         )
         and not torch.is_autocast_enabled("cpu")
     )

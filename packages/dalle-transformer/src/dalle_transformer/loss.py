@@ -15,6 +15,7 @@ from typing import Any, cast
 import torch
 import torch.nn.functional as F
 
+from dalle_core.errors import ShapeError
 from dalle_transformer import native
 
 
@@ -60,9 +61,8 @@ def _compiled_cross_entropy(flat: torch.Tensor, targets: torch.Tensor) -> torch.
     """:func:`cross_entropy` under ``torch.compile``: in training, the kernel as an operator that it keeps whole
     (inductor's log-softmax and its backward make more passes over the logits). A target outside the vocabulary
     raises ``IndexError`` there, ``F.cross_entropy``'s ignore index included (the model's targets never are)."""
-    takes = flat.device.type == "cpu" and flat.dtype == torch.float32 and flat.shape[0] > 0 and flat.shape[1] > 0
-    takes = takes and targets.device.type == "cpu" and targets.dtype == torch.int64
-    if takes and torch.is_grad_enabled() and flat.requires_grad and _kernels_built():
+    needs_grad = torch.is_grad_enabled() and flat.requires_grad
+    if needs_grad and native.cross_entropy_fits(flat, targets) and _kernels_built():
         return _cross_entropy_with_gradient(flat, targets)[0].mean()
     return F.cross_entropy(flat, targets)
 
@@ -78,6 +78,9 @@ def _kernels_built() -> bool:
 def _cross_entropy_with_gradient(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Each row's loss and its gradient for the row (``native.cross_entropy``)."""
     logits, targets = logits if logits.stride(1) == 1 else logits.contiguous(), targets.contiguous()
+    if not native.cross_entropy_takes(logits, targets):  # (the operator can be called directly)
+        raise ShapeError(f"cross_entropy: expected float32 CPU logits [rows, vocab] and int64 targets [rows], got "
+                         f"{logits.dtype} {list(logits.shape)} and {targets.dtype} {list(targets.shape)}")  # fmt: skip
     grad = torch.empty(logits.shape)
     losses = native.cross_entropy(native.required_library(), logits, targets, grad)
     if losses is None:

@@ -194,6 +194,13 @@ INLINE floats larger(floats a, floats b) {
   return (floats)((a_larger & (ints)a) | (~a_larger & (ints)b));
 }
 
+/* The sum of a vector's lanes, in lane order. */
+INLINE float lanes_sum(floats lanes) {
+  float sum = 0.0f;
+  for (int l = 0; l < LANES; l++) sum += lanes[l];
+  return sum;
+}
+
 /* The largest of row[0..last]. */
 INLINE float row_max(const float* row, int64_t last) {
   floats lanes = broadcast(-INFINITY);
@@ -276,8 +283,7 @@ static float cross_entropy_row(const float* x, int64_t vocab, int64_t target, fl
     if (grad) store(grad + j, e);
     lanes += e;
   }
-  float sum = 0.0f;
-  for (int l = 0; l < LANES; l++) sum += lanes[l];
+  float sum = lanes_sum(lanes);
   for (; j < vocab; j++) {
     float e = expf(x[j] - shift);
     if (grad) grad[j] = e;
@@ -547,9 +553,7 @@ INLINE float exp_shifted(float* row, int64_t last, int64_t width, float shift) {
     j += LANES;
   }
   for (; j < width; j++) row[j] = 0.0f;
-  float sum = 0.0f;
-  for (int l = 0; l < LANES; l++) sum += lanes[l];
-  return sum;
+  return lanes_sum(lanes);
 }
 
 /* Dropout of the probabilities without a stored mask: probability (i, j) of a head is kept when a hash of its
@@ -639,8 +643,7 @@ INLINE float dot(const float* a, const float* b, int64_t dim) {
   floats lanes = broadcast(0.0f);
   int64_t c = 0;
   for (; c + LANES <= dim; c += LANES) lanes += load(a + c) * load(b + c);
-  float sum = 0.0f;
-  for (int l = 0; l < LANES; l++) sum += lanes[l];
+  float sum = lanes_sum(lanes);
   for (; c < dim; c++) sum += a[c] * b[c];
   return sum;
 }

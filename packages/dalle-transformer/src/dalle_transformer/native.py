@@ -292,8 +292,9 @@ def fallback_note(device: torch.device | str, work: str) -> str | None:
     return None if reason is None else f"{work} runs PyTorch's operators instead of its C kernels, slower: {reason}"
 
 
-# A parameter (a bias) is a plain tensor too: nn.Parameter only marks it as one.
-_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
+# The classes of plain tensors: a parameter is one too (nn.Parameter only marks it as one), where other subclasses
+# (DTensor, ...) dispatch their operations elsewhere.
+PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
 
 
 def _plain_cpu_float32(t: torch.Tensor) -> bool:
@@ -305,7 +306,9 @@ def _plain_cpu_float32(t: torch.Tensor) -> bool:
 def _plain_cpu_float32_vector(t: torch.Tensor) -> bool:
     """:func:`_plain_cpu_float32` for a contiguous 1-D tensor that may be a parameter (a bias), checked without
     ``t.data`` (which makes a tensor: a decoding step checks tens of biases)."""
-    return type(t) in _TENSOR_TYPES and t.is_cpu and t.dtype == torch.float32 and t.dim() == 1 and t.is_contiguous()
+    return (
+        type(t) in PLAIN_TENSOR_TYPES and t.is_cpu and t.dtype == torch.float32 and t.dim() == 1 and t.is_contiguous()
+    )
 
 
 def decode_attention_takes(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> bool:
@@ -431,20 +434,29 @@ def geglu_backward(library: ctypes.CDLL, h: torch.Tensor, grad: torch.Tensor) ->
     return grad_h
 
 
-def cross_entropy_takes(logits: torch.Tensor, targets: torch.Tensor) -> bool:
-    """Whether :func:`cross_entropy` computes the loss of these: a float32 CPU ``[rows, vocab]`` tensor (both at
-    least 1) whose last dim is contiguous and contiguous ``int64[rows]`` targets, outside ``torch.compile``'s
-    tracing."""
+def cross_entropy_fits(logits: torch.Tensor, targets: torch.Tensor) -> bool:
+    """The dtypes, devices and shapes :func:`cross_entropy` takes (float32 CPU ``[rows, vocab]`` logits, both at
+    least 1, and CPU ``int64[rows]`` targets): what a value traced by ``torch.compile`` shows of them."""
     return (
-        _plain_cpu_float32(logits)
+        logits.is_cpu
+        and logits.dtype == torch.float32
         and logits.dim() == 2
         and logits.shape[0] > 0
         and logits.shape[1] > 0
-        and logits.stride(1) == 1
-        and type(targets) is torch.Tensor
-        and targets.device.type == "cpu"
+        and targets.is_cpu
         and targets.dtype == torch.int64
         and targets.shape == logits.shape[:1]
+    )
+
+
+def cross_entropy_takes(logits: torch.Tensor, targets: torch.Tensor) -> bool:
+    """Whether :func:`cross_entropy` computes the loss of these: :func:`cross_entropy_fits`, logits whose last dim
+    is contiguous and contiguous targets, plain tensors outside ``torch.compile``'s tracing."""
+    return (
+        _plain_cpu_float32(logits)
+        and type(targets) is torch.Tensor
+        and cross_entropy_fits(logits, targets)
+        and logits.stride(1) == 1
         and targets.is_contiguous()
     )
 
@@ -646,17 +658,23 @@ def _group_plan(groups: AttentionGroups | None, n: int) -> _GroupPlan | None:
     return groups.plan
 
 
-def causal_attention_takes(qkv: torch.Tensor) -> bool:
-    """Whether :func:`causal_attention` computes attention over ``qkv``: a float32 CPU ``[3, B, H, n, D]`` tensor
-    (``n >= 1``, ``1 <= D <= MAX_DIM``) whose last dim is contiguous, outside ``torch.compile``'s tracing."""
+def causal_attention_fits(qkv: torch.Tensor) -> bool:
+    """The dtype, device and shape :func:`causal_attention` takes: a float32 CPU ``[3, B, H, n, D]`` tensor (``n >=
+    1``, ``1 <= D <= MAX_DIM``); what a value traced by ``torch.compile`` shows of it."""
     return (
-        _plain_cpu_float32(qkv)
+        qkv.is_cpu
+        and qkv.dtype == torch.float32
         and qkv.dim() == 5
         and qkv.shape[0] == 3
         and qkv.shape[3] >= 1
         and 1 <= qkv.shape[4] <= MAX_DIM
-        and qkv.stride(4) == 1
     )
+
+
+def causal_attention_takes(qkv: torch.Tensor) -> bool:
+    """Whether :func:`causal_attention` computes attention over ``qkv``: :func:`causal_attention_fits` and its last
+    dim contiguous, a plain tensor outside ``torch.compile``'s tracing."""
+    return _plain_cpu_float32(qkv) and causal_attention_fits(qkv) and qkv.stride(4) == 1
 
 
 def causal_attention(
