@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from dalle_core.errors import DalleError, ShapeError
 from dalle_transformer import DALLE, DALLEConfig, native
 from dalle_transformer.kernels import attend_decode
-from dalle_transformer.layers import FeedForward
+from dalle_transformer.layers import FeedForward, layer_scaled
 from dalle_transformer.linear import onednn_linear
 from dalle_transformer.loss import cross_entropy
 from dalle_transformer.masks import AttentionPattern
@@ -36,7 +36,7 @@ def counted_calls(monkeypatch: pytest.MonkeyPatch, name: str) -> list[int]:
     """One entry per call of ``native.<name>`` from now on (the function itself still runs)."""
     calls: list[int] = []
     function = getattr(native, name)
-    monkeypatch.setattr(native, name, lambda *args: calls.append(1) or function(*args))
+    monkeypatch.setattr(native, name, lambda *args, **kwargs: calls.append(1) or function(*args, **kwargs))
     return calls
 
 
@@ -217,6 +217,46 @@ def test_a_geglu_feed_forward_trains_alike_with_and_without_the_kernels(monkeypa
     assert_alike_without_the_kernels(monkeypatch, step, with_kernels)
 
 
+@needs_compiler
+@pytest.mark.parametrize(("rows", "width"), [(1, 1), (3, 17), (5, 16), (64, 1024), (7, 40)])
+def test_geglu_backward_sums_its_gradient_over_rows_as_it_writes_it(rows: int, width: int) -> None:
+    # The bias gradient of the projection before GEGLU: the columns of the gradient the kernel writes, summed (rows
+    # fewer than the threads' bands, and widths that end in a partial vector).
+    library = native.default_library()
+    assert library is not None
+    generator = torch.Generator().manual_seed(rows * width)
+    h, grad = torch.randn(rows, 2 * width, generator=generator), torch.randn(rows, width, generator=generator)
+    sums = torch.full((2 * width,), float("nan"))
+    grad_h = native.geglu_backward(library, h, grad, column_sums=sums)
+    assert torch.equal(grad_h, native.geglu_backward(library, h, grad))  # the same gradient, sums or not
+    torch.testing.assert_close(sums.double(), grad_h.double().sum(0), rtol=0, atol=1e-6 * rows)
+    with pytest.raises(ShapeError, match=rf"expected contiguous float32 CPU column sums \[{2 * width}\]"):
+        native.geglu_backward(library, h, grad, column_sums=torch.zeros(width))
+
+
+@needs_compiler
+@pytest.mark.parametrize("shape", [(1, 1), (3, 5, 17), (8, 96, 256), (2, 40)])
+def test_a_layer_scale_backward_is_one_pass_with_pytorchs_gradients(
+    shape: tuple[int, ...], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    generator = torch.Generator().manual_seed(sum(shape))
+    h = torch.randn(*shape, generator=generator).requires_grad_()
+    scale = torch.randn(shape[-1], generator=generator).requires_grad_()
+    grad = torch.randn(*shape, generator=generator)
+    calls = counted_calls(monkeypatch, "scale_backward")
+    out = layer_scaled(h, scale)
+    assert torch.equal(out, h * scale)
+    out.backward(grad)
+    assert calls == [1]
+    h_exact, scale_exact = h.detach().double().requires_grad_(), scale.detach().double().requires_grad_()
+    (h_exact * scale_exact).backward(grad.double())
+    assert h.grad is not None and scale.grad is not None
+    assert h_exact.grad is not None and scale_exact.grad is not None
+    assert torch.equal(h.grad, grad * scale.detach())  # one product per element, as PyTorch's
+    rows = h.numel() // shape[-1]
+    torch.testing.assert_close(scale.grad.double(), scale_exact.grad, rtol=0, atol=1e-6 * rows)
+
+
 def assert_alike_without_the_kernels(
     monkeypatch: pytest.MonkeyPatch,
     step: Callable[[], tuple[torch.Tensor, list[torch.Tensor]]],
@@ -316,14 +356,14 @@ def test_cross_entropy_and_its_gradient_match_float64(rows: int, vocab: int) -> 
     library = native.default_library()
     assert library is not None
     grad = torch.empty_like(logits)
-    losses = native.cross_entropy(library, logits, targets, grad)
+    losses = native.cross_entropy(library, logits, targets, grad, grad_scale=1 / rows)
     assert losses is not None and losses.shape == (rows,)
     exact_losses = F.cross_entropy(logits.double(), targets, reduction="none")
     torch_loss_error = (F.cross_entropy(logits, targets, reduction="none").double() - exact_losses).abs().max()
     assert (losses.double() - exact_losses).abs().max() <= 2 * torch_loss_error + 1e-5
-    # The kernel's gradient is of each row's loss; the mean's is that over rows.
+    # The kernel's gradient is of each row's loss times grad_scale: here 1 / rows, the mean's.
     torch_grad_error = (single.grad.double() - exact.grad).abs().max()
-    assert (grad.double() / rows - exact.grad).abs().max() <= 2 * torch_grad_error + 1e-8
+    assert (grad.double() - exact.grad).abs().max() <= 2 * torch_grad_error + 1e-8
     assert grad[0, -1] == 0.0 or vocab == 1  # a -inf logit: probability 0, exactly
     without_grad = native.cross_entropy(library, logits, targets)
     assert without_grad is not None and torch.equal(without_grad, losses)
@@ -349,10 +389,27 @@ def test_cross_entropy_leaves_targets_outside_the_vocabulary_to_pytorch() -> Non
 
 
 @needs_compiler
+@pytest.mark.parametrize("received", [0.25, 0.7, 0.0, 1.0])
+def test_the_loss_gradient_is_written_for_its_weight_and_exact_for_any_other(received: float) -> None:
+    # Written for a weight of 0.25: receiving that passes the kernel's gradient on as it is, anything else rescales.
+    generator = torch.Generator().manual_seed(5)
+    logits = (torch.randn(6, 40, generator=generator) * 3).requires_grad_()
+    targets = torch.randint(0, 40, (6,), generator=generator)
+    loss = cross_entropy(logits, targets, gradient_weight=0.25)
+    torch.testing.assert_close(loss, F.cross_entropy(logits, targets))  # the mean, whatever the weight
+    (loss * received).backward()
+    reference = logits.detach().double().requires_grad_()
+    (F.cross_entropy(reference, targets) * received).backward()
+    assert logits.grad is not None and reference.grad is not None
+    torch.testing.assert_close(logits.grad.double(), reference.grad, rtol=1e-5, atol=1e-7)
+
+
+@needs_compiler
 def test_a_model_computes_its_losses_in_the_kernel_and_trains_alike_without_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    # DALLE-pytorch's blocks (GEGLU, LayerScale): their bias and scale gradients are summed in the kernels too.
     config = DALLEConfig(
         num_text_tokens=30, text_seq_len=7, num_image_tokens=16, image_fmap_size=4, dim=32, depth=2, heads=2,
-        dim_head=16, loss_img_weight=3,
+        dim_head=16, loss_img_weight=3, ff_activation="geglu", layer_scale=True,
     )  # fmt: skip
     generator = torch.Generator().manual_seed(2)
     text, image = torch.randint(1, 30, (3, 7), generator=generator), torch.randint(0, 16, (3, 16), generator=generator)
@@ -367,8 +424,13 @@ def test_a_model_computes_its_losses_in_the_kernel_and_trains_alike_without_it(m
         return output.loss.detach(), [p.grad for p in model.parameters() if p.grad is not None]
 
     calls = counted_calls(monkeypatch, "cross_entropy")
+    geglu_calls, scale_calls = (
+        counted_calls(monkeypatch, "geglu_backward"),
+        counted_calls(monkeypatch, "scale_backward"),
+    )
     with_kernels = step()
     assert len(calls) == 2  # the text loss and the image loss
+    assert len(geglu_calls) == 2 and len(scale_calls) == 4  # per layer: one feed-forward, two scaled branches
     assert_alike_without_the_kernels(monkeypatch, step, with_kernels)
 
 

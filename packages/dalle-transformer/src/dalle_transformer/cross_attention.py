@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dalle_transformer.config import DALLEConfig
-from dalle_transformer.layers import layer_scale_init
+from dalle_transformer.layers import layer_scale_init, layer_scaled
 from dalle_transformer.linear import Linear
 
 
@@ -63,4 +63,4 @@ class ResidualBranch(nn.Module):
         h = fn(self.norm(x))
         if self.out_norm is not None:
             h = self.out_norm(h)
-        return h * self.scale if self.scale is not None else h
+        return layer_scaled(h, self.scale) if self.scale is not None else h

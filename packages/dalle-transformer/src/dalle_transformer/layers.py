@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import ctypes
 from collections.abc import Callable, Sequence
-from typing import cast
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +28,13 @@ from dalle_transformer.decoding_weights import (
     normalize,
     project,
 )
-from dalle_transformer.linear import Linear
+from dalle_transformer.linear import (
+    Linear,
+    onednn_input_gradient,
+    onednn_linear,
+    onednn_trains,
+    onednn_weight_gradient,
+)
 from dalle_transformer.masks import AttentionPattern
 
 
@@ -87,6 +93,48 @@ class _GEGLUFunction(torch.autograd.Function):
         return grad_h
 
 
+def linear_geglu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor | None:
+    """``geglu(F.linear(x, weight, bias))`` with autograd, whose backward sums the bias's gradient in the pass that
+    writes GEGLU's (:class:`_LinearGEGLUFunction`): where oneDNN trains the product (:func:`onednn_trains`) and the
+    native kernels compute GEGLU. None elsewhere, and without autograd (nothing to gain)."""
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias.requires_grad)
+    if not needs_grad or not weight.shape[0] or weight.shape[0] % 2 or not onednn_trains(x, weight, bias):
+        return None
+    library = native.library_for(x)
+    if library is None:
+        return None
+    flat = x.reshape(-1, x.shape[-1])
+    out = cast(torch.Tensor, _LinearGEGLUFunction.apply(flat, weight, bias, library))
+    return out.view(*x.shape[:-1], weight.shape[0] // 2)
+
+
+class _LinearGEGLUFunction(torch.autograd.Function):
+    """GEGLU of a linear layer's rows, as :class:`_GEGLUFunction` after oneDNN's product (keeping the input, the
+    weight and ``h``), whose backward has the native GEGLU kernel add up the bias's gradient as it writes ``h``'s: a
+    sum over that gradient afterwards (the feed-forward's widest, ``2 x 4 x dim`` per position) reads it back from
+    memory, 0.8-1.6 ms of a 170-200 ms training step of the S benchmark config (docs/benchmarks.md)."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, flat: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, library: ctypes.CDLL
+    ) -> torch.Tensor:
+        h = onednn_linear(flat, weight, bias)  # (no autograd inside forward: the product alone)
+        ctx.save_for_backward(flat, weight, h)
+        ctx.library = library
+        return native.geglu(library, h)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        flat, weight, h = ctx.saved_tensors
+        grad_bias = h.new_empty(h.shape[1])
+        grad_h = native.geglu_backward(ctx.library, h, grad, column_sums=grad_bias)
+        needs = ctx.needs_input_grad
+        grad_input = onednn_input_gradient(grad_h, weight) if needs[0] else None
+        grad_weight = onednn_weight_gradient(grad_h, flat) if needs[1] else None
+        return grad_input, grad_weight, grad_bias if needs[2] else None, None
+
+
 class GEGLU(nn.Module):
     """:func:`geglu` as a module (the feed-forward's ``net[1]``)."""
 
@@ -106,7 +154,12 @@ class FeedForward(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+        if self.gated:
+            first, last = self.projections
+            h = linear_geglu(x, first.weight, first.bias) if first.bias is not None else None
+            if h is not None:
+                return cast(torch.Tensor, last(self.net._modules["2"](h)))  # (dropout, then the last projection)
+        return cast(torch.Tensor, self.net(x))
 
     @property
     def projections(self) -> tuple[nn.Linear, nn.Linear]:
@@ -149,6 +202,34 @@ def decoding_weights(
             )
         )
     return weights
+
+
+def layer_scaled(h: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``h * scale`` (a LayerScale, ``scale``: ``[dim]``). With autograd on a float32 CPU ``h``, its backward is one
+    pass of the native kernel (:func:`dalle_transformer.native.scale_backward`) where PyTorch's makes three (the two
+    products, and the sum over positions for the scale's gradient)."""
+    if torch.is_grad_enabled() and (h.requires_grad or scale.requires_grad) and native.scale_backward_takes(h, scale):
+        library = native.library_for(h)
+        if library is not None:
+            return cast(torch.Tensor, _LayerScaleFunction.apply(h, scale, library))
+    return h * scale
+
+
+class _LayerScaleFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, h: torch.Tensor, scale: torch.Tensor, library: ctypes.CDLL) -> torch.Tensor:
+        ctx.save_for_backward(h, scale)
+        ctx.library = library
+        return h * scale
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        h, scale = ctx.saved_tensors
+        if grad.dtype != torch.float32:  # (a gradient in another dtype: PyTorch's formulas)
+            return grad * scale, (grad * h).sum(tuple(range(h.dim() - 1))), None
+        grad_h, grad_scale = native.scale_backward(ctx.library, h, grad, scale)
+        return grad_h, grad_scale, None
 
 
 def layer_scale_init(layer_number: int) -> float:
@@ -201,7 +282,7 @@ class Block(nn.Module):
         h = attn(self._shift(self.attn_norm(x), context, 0), pattern, context, self.index)
         if self.sandwich_norm:
             h = self.attn_out_norm(h)
-        return h * self.attn_scale if self.layer_scale else h
+        return layer_scaled(h, self.attn_scale) if self.layer_scale else h
 
     def feed_forward_branch(self, x: torch.Tensor, ff: FeedForward, context: PassContext) -> torch.Tensor:
         h = self._shift(self.ff_norm(x), context, 1)
@@ -213,7 +294,7 @@ class Block(nn.Module):
             h = ff(h)
         if self.sandwich_norm:
             h = self.ff_out_norm(h)
-        return h * self.ff_scale if self.layer_scale else h
+        return layer_scaled(h, self.ff_scale) if self.layer_scale else h
 
     def decoding_step(
         self, x: torch.Tensor, attn: Attention, ff: FeedForward, pattern: AttentionPattern, context: PassContext

@@ -180,6 +180,12 @@ def _blocked_product(blocks: torch.Tensor, flat: torch.Tensor, bias: torch.Tenso
 _PACKED_PRODUCT = torch.ops.mkldnn._linear_pointwise.default if ONEDNN_IS_FASTER else None
 
 
+def onednn_trains(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether :func:`linear` computes ``F.linear(x, weight, bias)`` with autograd in oneDNN (:func:`onednn_linear`):
+    float32 CPU tensors of PyTorch's own class, at least one row, where :data:`ONEDNN_IS_FASTER`."""
+    return ONEDNN_IS_FASTER and x.numel() > 0 and _onednn_applies(x, weight, bias)
+
+
 def _onednn_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     # Autocast must see F.linear (to run it in its dtype), tensor subclasses (DTensor, ...) dispatch it their way, and
     # mismatched shapes get its error message (oneDNN's names no shapes).
@@ -243,20 +249,27 @@ class _OneDNNLinear(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         flat, weight = ctx.saved_tensors
-        grad_input = _product(grad, weight.T) if ctx.needs_input_grad[0] else None
-        grad_weight = None
-        if ctx.needs_input_grad[1]:
-            # [out, in] = grad^T @ flat. For out > in computed as (flat^T @ grad)^T and copied to rows: oneDNN is
-            # slow writing a result of many more rows than columns (an [4096, 512] weight gradient from 2,560 rows:
-            # 200 GFLOP/s, against 340 this way with the copy).
-            # oneDNN copies a transposed first factor to rows itself: the native library copies it (and the result
-            # below) on every thread where it is built, where PyTorch's and oneDNN's copies run on one.
-            if grad.shape[1] <= flat.shape[1]:
-                grad_weight = _product(_transposed(grad, contiguous=False), flat.T)
-            else:
-                grad_weight = _transposed(_product(_transposed(flat, contiguous=False), grad.T), contiguous=True)
+        grad_input = onednn_input_gradient(grad, weight) if ctx.needs_input_grad[0] else None
+        grad_weight = onednn_weight_gradient(grad, flat) if ctx.needs_input_grad[1] else None
         grad_bias = grad.sum(0) if ctx.needs_input_grad[2] else None
         return grad_input, grad_weight, grad_bias
+
+
+def onednn_input_gradient(grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``grad @ weight``: the gradient for the input rows of ``flat @ weight^T`` (float32 CPU, in oneDNN)."""
+    return _product(grad, weight.T)
+
+
+def onednn_weight_gradient(grad: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+    """``grad^T @ flat`` (``[out, in]``): the gradient for ``weight`` of ``flat @ weight^T`` (float32 CPU, 2-D
+    ``grad`` and ``flat``, in oneDNN)."""
+    # For out > in computed as (flat^T @ grad)^T and copied to rows: oneDNN is slow writing a result of many more
+    # rows than columns (an [4096, 512] weight gradient from 2,560 rows: 200 GFLOP/s, against 340 this way with the
+    # copy). oneDNN copies a transposed first factor to rows itself: the native library copies it (and the result
+    # below) on every thread where it is built, where PyTorch's and oneDNN's copies run on one.
+    if grad.shape[1] <= flat.shape[1]:
+        return _product(_transposed(grad, contiguous=False), flat.T)
+    return _transposed(_product(_transposed(flat, contiguous=False), grad.T), contiguous=True)
 
 
 def _transposed(x: torch.Tensor, *, contiguous: bool) -> torch.Tensor:

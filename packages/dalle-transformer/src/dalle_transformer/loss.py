@@ -4,8 +4,10 @@ On the CPU, PyTorch's ``F.cross_entropy`` is a log-softmax and a gather, and the
 log-softmax backward: six passes over a tensor the size of the logits (a text vocabulary of 10,000 at every text
 position makes that the largest activation of a small model), with log-probabilities of that size kept between.
 Where :mod:`dalle_transformer.native` is built, the forward is one pass that also writes the gradient
-(``softmax - one_hot``, kept instead of the log-probabilities) and the backward scales it. Same values up to float
-rounding; ``torch.compile`` calls the kernel as an operator in training, and traces ``F.cross_entropy`` elsewhere.
+(``softmax - one_hot``, kept instead of the log-probabilities), already scaled by the gradient the mean is expected
+to receive (its weight in the training loss), so that the backward passes it on without another pass over the
+logits' size. Same values up to float rounding; ``torch.compile`` calls the kernel as an operator in training, and
+traces ``F.cross_entropy`` elsewhere.
 """
 
 from __future__ import annotations
@@ -24,9 +26,14 @@ def upcast(logits: torch.Tensor) -> torch.Tensor:
     return logits.float() if logits.dtype.itemsize < 4 else logits
 
 
-def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, gradient_weight: float = 1.0) -> torch.Tensor:
     """``F.cross_entropy`` of ``logits`` ``[..., vocab]`` (upcast) against ``targets`` ``int64[...]``: the mean over
-    all positions."""
+    all positions.
+
+    ``gradient_weight``: the gradient the mean is expected to receive in backward (its weight in the loss that is
+    differentiated). The native kernel writes the logits' gradient already scaled by it, and a backward receiving
+    exactly that passes the gradient on as it is; any other gradient is still exact, for one more pass over the
+    logits' size. The value returned does not depend on it."""
     flat, flat_targets = upcast(logits).flatten(0, -2), targets.flatten()
     if torch.compiler.is_compiling():
         return _compiled_cross_entropy(flat, flat_targets)
@@ -34,27 +41,41 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     if library is not None and native.cross_entropy_takes(flat, flat_targets):
         needs_grad = torch.is_grad_enabled() and flat.requires_grad
         grad = torch.empty_like(flat, memory_format=torch.contiguous_format) if needs_grad else None
-        losses = native.cross_entropy(library, flat, flat_targets, grad)
+        # The gradient of the mean for a received gradient g is g / rows * (softmax - one_hot): written for g equal
+        # to the weight (as float32, the dtype g arrives in; for a weight of 0, as for 1, so that it can be rescaled).
+        scale = _float32(gradient_weight) or 1.0
+        losses = native.cross_entropy(library, flat, flat_targets, grad, scale / flat.shape[0])
         if losses is not None:
             if grad is None:
                 return losses.mean()
-            return cast(torch.Tensor, _MeanWithGradient.apply(flat, losses, grad))
+            return cast(torch.Tensor, _MeanWithGradient.apply(flat, losses, grad, scale))
     return F.cross_entropy(flat, flat_targets)
 
 
+def _float32(value: float) -> float:
+    return float(torch.tensor(value, dtype=torch.float32))
+
+
 class _MeanWithGradient(torch.autograd.Function):
-    """The mean of ``losses`` as a function of ``logits``, given each loss's gradient for its row of them."""
+    """The mean of ``losses`` as a function of ``logits``, given the logits' gradient of the mean for a received
+    gradient of ``weight``."""
 
     @staticmethod
-    def forward(ctx: Any, logits: torch.Tensor, losses: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    def forward(
+        ctx: Any, logits: torch.Tensor, losses: torch.Tensor, grad: torch.Tensor, weight: float
+    ) -> torch.Tensor:
         ctx.save_for_backward(grad)
+        ctx.weight = weight
         return losses.mean()
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad_mean: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         (grad,) = ctx.saved_tensors
-        return grad * (grad_mean / grad.shape[0]), None, None
+        received = float(grad_mean)
+        if received == ctx.weight:
+            return grad, None, None, None
+        return grad * (received / ctx.weight), None, None, None
 
 
 def _compiled_cross_entropy(flat: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

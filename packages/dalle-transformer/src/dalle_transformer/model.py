@@ -388,9 +388,13 @@ class DALLE(nn.Module):
         hidden = self._transform(x)
         t = self.config.text_seq_len
         text_logits, image_logits = self._sequence_logits(hidden, t)
-        text_loss, image_loss = cross_entropy(text_logits, text), cross_entropy(image_logits, image)
+        # DALLE-pytorch's (text_loss + w * image_loss) / (w + 1), as a sum of weighted terms: each mean then receives
+        # its weight as its gradient, which its kernel has applied already.
         weight = self.config.loss_img_weight
-        loss = (text_loss + weight * image_loss) / (weight + 1)
+        text_weight, image_weight = 1 / (weight + 1), weight / (weight + 1)
+        text_loss = cross_entropy(text_logits, text, gradient_weight=text_weight)
+        image_loss = cross_entropy(image_logits, image, gradient_weight=image_weight)
+        loss = text_loss * text_weight + image_loss * image_weight
         return DALLEOutput(text_logits, image_logits, loss, text_loss, image_loss)
 
     def loss(self, text_ids: torch.Tensor, image_ids: torch.Tensor) -> DALLELoss:

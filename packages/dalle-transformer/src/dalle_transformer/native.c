@@ -235,20 +235,30 @@ static void geglu_row(const float* x, const float* gate, float* out, int64_t wid
   for (; j < width; j++) out[j] = x[j] * gate[j] * 0.5f * (1.0f + erff(gate[j] * 0.70710678118654752f));
 }
 
+/* sums NULL, or [2 * width] to which the row's gradients (grad_x, then grad_gate) are added. */
 VECTOR_CLONES
 static void geglu_backward_row(const float* x, const float* gate, const float* grad, float* grad_x, float* grad_gate,
-                               int64_t width) {
+                               int64_t width, float* sums) {
   int64_t j = 0;
   for (; j + LANES <= width; j += LANES) {
     floats g = load(gate + j), d = load(grad + j), cdf, pdf;
     normal_parts(g, &cdf, &pdf);
-    store(grad_x + j, d * g * cdf);
-    store(grad_gate + j, d * load(x + j) * (cdf + g * pdf));
+    floats gx = d * g * cdf, gg = d * load(x + j) * (cdf + g * pdf);
+    store(grad_x + j, gx);
+    store(grad_gate + j, gg);
+    if (sums) {
+      store(sums + j, load(sums + j) + gx);
+      store(sums + width + j, load(sums + width + j) + gg);
+    }
   }
   for (; j < width; j++) {
     float g = gate[j], cdf = 0.5f * (1.0f + erff(g * 0.70710678118654752f));
     grad_x[j] = grad[j] * g * cdf;
     grad_gate[j] = grad[j] * x[j] * (cdf + g * expf(-0.5f * g * g) * 0.39894228040143268f);
+    if (sums) {
+      sums[j] += grad_x[j];
+      sums[width + j] += grad_gate[j];
+    }
   }
 }
 
@@ -258,22 +268,94 @@ void dalle_geglu(const float* h, float* out, int64_t rows, int64_t width, int th
   for (int64_t r = 0; r < rows; r++) geglu_row(h + r * 2 * width, h + r * 2 * width + width, out + r * width, width);
 }
 
-/* h, grad_h: contiguous [rows, 2 * width]; grad: contiguous [rows, width]. */
-void dalle_geglu_backward(const float* h, const float* grad, float* grad_h, int64_t rows, int64_t width, int threads) {
+/* Sums over rows of a gradient that a kernel writes row by row (a bias's, a scale's), summed while the rows are
+   in the registers (a sum afterwards reads them back from memory): `threads` bands of rows, each into sums of its
+   own, added in band order, so that the result does not depend on the threads' timing. row(task, r, band_sums)
+   writes row r and adds its terms to band_sums ([width]). Returns 0, or 1 where the bands' sums could not be
+   allocated (then nothing is computed). */
+typedef void (*row_with_sums)(const void* task, int64_t r, float* sums);
+
+static int banded_sums(const void* task, row_with_sums row, int64_t rows, float* sums, int64_t width, int threads) {
+  int64_t bands = threads > 1 ? threads : 1, band_rows = (rows + bands - 1) / bands;
+  float* partial = calloc(bands * width, sizeof(float));
+  if (!partial) return 1;
+#pragma omp parallel for num_threads(threads) schedule(static, 1)
+  for (int64_t b = 0; b < bands; b++)
+    for (int64_t r = b * band_rows; r < rows && r < (b + 1) * band_rows; r++) row(task, r, partial + b * width);
+  memcpy(sums, partial, width * sizeof(float));
+  for (int64_t b = 1; b < bands; b++)
+    for (int64_t j = 0; j < width; j++) sums[j] += partial[b * width + j];
+  free(partial);
+  return 0;
+}
+
+typedef struct {
+  const float *h, *grad;
+  float* grad_h;
+  int64_t width;
+} geglu_task;
+
+static void geglu_backward_at(const void* shared, int64_t r, float* sums) {
+  const geglu_task* task = shared;
+  int64_t width = task->width;
+  const float* row = task->h + r * 2 * width;
+  float* grad_row = task->grad_h + r * 2 * width;
+  geglu_backward_row(row, row + width, task->grad + r * width, grad_row, grad_row + width, width, sums);
+}
+
+/* h, grad_h: contiguous [rows, 2 * width]; grad: contiguous [rows, width]; sums NULL, or [2 * width]: the column
+   sums of grad_h (the gradient of a bias added to h; banded_sums). Returns as banded_sums. */
+int dalle_geglu_backward(const float* h, const float* grad, float* grad_h, float* sums, int64_t rows, int64_t width,
+                         int threads) {
+  geglu_task task = {h, grad, grad_h, width};
+  if (sums) return banded_sums(&task, geglu_backward_at, rows, sums, 2 * width, threads);
 #pragma omp parallel for num_threads(threads) schedule(static)
-  for (int64_t r = 0; r < rows; r++) {
-    const float* row = h + r * 2 * width;
-    float* grad_row = grad_h + r * 2 * width;
-    geglu_backward_row(row, row + width, grad + r * width, grad_row, grad_row + width, width);
+  for (int64_t r = 0; r < rows; r++) geglu_backward_at(&task, r, NULL);
+  return 0;
+}
+
+/* A per-column scale's backward (LayerScale: out = h * scale): grad_h = grad * scale, and sums += grad * h. */
+VECTOR_CLONES
+static void scale_backward_row(const float* h, const float* grad, const float* scale, float* grad_h, float* sums,
+                               int64_t width) {
+  int64_t j = 0;
+  for (; j + LANES <= width; j += LANES) {
+    floats d = load(grad + j);
+    store(grad_h + j, d * load(scale + j));
+    store(sums + j, load(sums + j) + d * load(h + j));
+  }
+  for (; j < width; j++) {
+    grad_h[j] = grad[j] * scale[j];
+    sums[j] += grad[j] * h[j];
   }
 }
 
+typedef struct {
+  const float *h, *grad, *scale;
+  float* grad_h;
+  int64_t width;
+} scale_task;
+
+static void scale_backward_at(const void* shared, int64_t r, float* sums) {
+  const scale_task* task = shared;
+  int64_t at = r * task->width;
+  scale_backward_row(task->h + at, task->grad + at, task->scale, task->grad_h + at, sums, task->width);
+}
+
+/* h, grad, grad_h: contiguous [rows, width]; scale, grad_scale: [width]. grad_h = grad * scale, grad_scale = the
+   column sums of grad * h (banded_sums). Returns as banded_sums. */
+int dalle_scale_backward(const float* h, const float* grad, const float* scale, float* grad_h, float* grad_scale,
+                         int64_t rows, int64_t width, int threads) {
+  scale_task task = {h, grad, scale, grad_h, width};
+  return banded_sums(&task, scale_backward_at, rows, grad_scale, width, threads);
+}
+
 /* Cross-entropy of rows of logits against target ids, a training step's loss: each row's -log softmax(x)[target]
-   and, where grad is not NULL, its gradient softmax(x) - onehot(target), from one read of the row (and one write of
-   the gradient, rescaled while it is in the caches). PyTorch's log_softmax and nll_loss read and write the logits'
+   and, where grad is not NULL, its gradient times grad_scale, grad_scale (softmax(x) - onehot(target)), from one
+   read of the row (and one write of the gradient, rescaled while it is in the caches). PyTorch's log_softmax and nll_loss read and write the logits'
    size three times forward and three times backward, keeping log-probabilities as large as the logits between. */
 VECTOR_CLONES
-static float cross_entropy_row(const float* x, int64_t vocab, int64_t target, float* grad) {
+static float cross_entropy_row(const float* x, int64_t vocab, int64_t target, float* grad, float grad_scale) {
   float shift = row_max(x, vocab - 1);
   floats lanes = broadcast(0.0f);
   int64_t j = 0;
@@ -290,24 +372,25 @@ static float cross_entropy_row(const float* x, int64_t vocab, int64_t target, fl
     sum += e;
   }
   if (grad) {
-    float inverse = 1.0f / sum;
+    float inverse = grad_scale / sum;
     for (j = 0; j + LANES <= vocab; j += LANES) store(grad + j, load(grad + j) * inverse);
     for (; j < vocab; j++) grad[j] *= inverse;
-    grad[target] -= 1.0f;
+    grad[target] -= grad_scale;
   }
   return shift + logf(sum) - x[target];
 }
 
 /* logits [rows, vocab] (rows row_stride floats apart), targets int64[rows], losses float[rows], grad NULL or
-   contiguous [rows, vocab]. Returns 0, or 1 + the first row whose target is outside [0, vocab) (then computes
+   contiguous [rows, vocab] (times grad_scale). Returns 0, or 1 + the first row whose target is outside [0, vocab) (then computes
    nothing: PyTorch's cross-entropy says what it makes of that target). */
 int64_t dalle_cross_entropy(const float* logits, int64_t rows, int64_t vocab, int64_t row_stride,
-                            const int64_t* targets, float* losses, float* grad, int threads) {
+                            const int64_t* targets, float* losses, float* grad, float grad_scale, int threads) {
   for (int64_t r = 0; r < rows; r++)
     if (targets[r] < 0 || targets[r] >= vocab) return r + 1;
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (int64_t r = 0; r < rows; r++)
-    losses[r] = cross_entropy_row(logits + r * row_stride, vocab, targets[r], grad ? grad + r * vocab : NULL);
+    losses[r] = cross_entropy_row(logits + r * row_stride, vocab, targets[r], grad ? grad + r * vocab : NULL,
+                                  grad_scale);
   return 0;
 }
 
@@ -477,18 +560,19 @@ int dalle_stream_product(const float* x, int64_t rows, int64_t x_row, const floa
    vectors of the result in registers; per step, broadcasts of the left factor times a row of the right one) on
    copies of the head's tensors padded with zeros to whole vectors, in blocks of BLOCK queries whose scores stay in
    the caches, skipping scores above the diagonal 32 keys at a time. Built for AVX-512 CPUs only (x86-64-v4): with
-   half as many registers, each two per vector, AVX2 code spills the block and runs no faster than SDPA. */
+   half as many registers, each two per vector, AVX2 code spills the block and runs no faster than SDPA. (ROWS 8
+   measured within this machine's noise of 6, faster in one run and slower in the next; 12 spills.) */
 
 #define ROWS 6
 #define COLS (2 * LANES)
 #define BLOCK 64
-enum { LIMIT_NONE, LIMIT_COLS, LIMIT_DEPTH };
+enum { LIMIT_NONE, LIMIT_COLS, LIMIT_DEPTH, LIMIT_DEPTH_FROM };
 
 
-/* c[i][j] (=, or += with accumulate) sum_t x[i * x_row + t * x_step] * y[t * y_row + j], for `rows` (at most
-   ROWS) rows i and the COLS columns j at c, y. */
+/* c[i][j] (=, or += with accumulate) sum_t x[i * x_row + t * x_step] * y[t * y_row + j] over start <= t < depth,
+   for `rows` (at most ROWS) rows i and the COLS columns j at c, y. */
 INLINE void micro_product(float* c, int64_t c_row, const float* x, int64_t x_row, int64_t x_step, const float* y,
-                          int64_t y_row, int64_t depth, int64_t rows, int accumulate) {
+                          int64_t y_row, int64_t start, int64_t depth, int64_t rows, int accumulate) {
   floats acc[ROWS][2];
   const float* x_rows[ROWS];
 #pragma GCC unroll 8
@@ -496,7 +580,7 @@ INLINE void micro_product(float* c, int64_t c_row, const float* x, int64_t x_row
     x_rows[r] = x + (r < rows ? r : rows - 1) * x_row; /* missing rows repeat the last one, never stored */
     acc[r][0] = acc[r][1] = broadcast(0.0f);
   }
-  for (int64_t t = 0; t < depth; t++) {
+  for (int64_t t = start; t < depth; t++) {
     floats y0 = load(y + t * y_row), y1 = load(y + t * y_row + LANES);
 #pragma GCC unroll 8
     for (int r = 0; r < ROWS; r++) {
@@ -519,7 +603,9 @@ INLINE void micro_product(float* c, int64_t c_row, const float* x, int64_t x_row
 /* c = x y (or c += x y) for x [rows, depth] (element (i, t) at x[i * x_row + t * x_step]), y [depth, cols] (rows
    y_row apart), c [rows, cols] (rows c_row apart); cols a multiple of COLS. Row i is query first + i of a causal
    attention: with LIMIT_COLS its columns stop at the first multiple of COLS past its group of rows' last query
-   (the rest left as they were), with LIMIT_DEPTH its sum stops after that query. */
+   (the rest left as they were), with LIMIT_DEPTH its sum stops after that query. With LIMIT_DEPTH_FROM row i is
+   key i and the sum's index t query first + t: its sum starts at its group's first key's query (x^T y of a
+   backward, whose earlier queries' probabilities for that key are 0). */
 INLINE void product(float* c, int64_t c_row, const float* x, int64_t x_row, int64_t x_step, const float* y,
                     int64_t y_row, int64_t rows, int64_t cols, int64_t depth, int64_t first, int limit,
                     int accumulate) {
@@ -527,8 +613,9 @@ INLINE void product(float* c, int64_t c_row, const float* x, int64_t x_row, int6
     int64_t here = smaller(rows - i, ROWS), end = first + i + here;
     int64_t group_cols = limit == LIMIT_COLS ? smaller(cols, round_up(end, COLS)) : cols;
     int64_t group_depth = limit == LIMIT_DEPTH ? smaller(depth, end) : depth;
+    int64_t start = limit == LIMIT_DEPTH_FROM && i > first ? smaller(i - first, depth) : 0;
     for (int64_t j = 0; j < group_cols; j += COLS)
-      micro_product(c + i * c_row + j, c_row, x + i * x_row, x_row, x_step, y + j, y_row, group_depth, here,
+      micro_product(c + i * c_row + j, c_row, x + i * x_row, x_row, x_step, y + j, y_row, start, group_depth, here,
                     accumulate);
   }
 }
@@ -760,8 +847,8 @@ WIDE static void causal_backward_rows(const head_task* task, const float* qs, co
       exp_shifted(p, last, width, task->lse[last]);
       softmax_gradient_row(task, p, g, last, width, last, delta[last]);
     }
-    product(gv, dp, probs, 1, row, gp + first * dp, dp, width, dp, rows, 0, LIMIT_NONE, 1);
-    product(gk, dp, gs, 1, row, qs + first * dp, dp, width, dp, rows, 0, LIMIT_NONE, 1);
+    product(gv, dp, probs, 1, row, gp + first * dp, dp, width, dp, rows, first, LIMIT_DEPTH_FROM, 1);
+    product(gk, dp, gs, 1, row, qs + first * dp, dp, width, dp, rows, first, LIMIT_DEPTH_FROM, 1);
     product(gq, dp, gs, row, 1, kp, dp, rows, dp, width, first, LIMIT_DEPTH, 0);
     copy_unpadded(task->grad_q + first * task->grad_qkv_row, task->grad_qkv_row, gq, rows, dim, dp, task->scale);
   }

@@ -92,9 +92,17 @@ _SAMPLING_ARGUMENTS: list[type] = [
 ]
 # dalle_geglu's: h, out, rows, width, threads; dalle_geglu_backward's: h, grad, grad_h, rows, width, threads.
 _GEGLU_ARGUMENTS: list[type] = [*[ctypes.c_void_p] * 2, *[ctypes.c_int64] * 2, ctypes.c_int]
-_GEGLU_BACKWARD_ARGUMENTS: list[type] = [*[ctypes.c_void_p] * 3, *[ctypes.c_int64] * 2, ctypes.c_int]
+_GEGLU_BACKWARD_ARGUMENTS: list[type] = [*[ctypes.c_void_p] * 4, *[ctypes.c_int64] * 2, ctypes.c_int]
+# dalle_scale_backward's: h, grad, scale, grad_h, grad_scale, rows, width, threads.
+_SCALE_BACKWARD_ARGUMENTS: list[type] = [*[ctypes.c_void_p] * 5, *[ctypes.c_int64] * 2, ctypes.c_int]
 # dalle_cross_entropy's: logits, rows, vocab, row stride, targets, losses, grad, threads.
-_CROSS_ENTROPY_ARGUMENTS: list[type] = [ctypes.c_void_p, *[ctypes.c_int64] * 3, *[ctypes.c_void_p] * 3, ctypes.c_int]
+_CROSS_ENTROPY_ARGUMENTS: list[type] = [
+    ctypes.c_void_p,
+    *[ctypes.c_int64] * 3,
+    *[ctypes.c_void_p] * 3,
+    ctypes.c_float,
+    ctypes.c_int,
+]
 # dalle_transpose's: src, dst, rows, cols, src row stride, threads.
 _TRANSPOSE_ARGUMENTS: list[type] = [*[ctypes.c_void_p] * 2, *[ctypes.c_int64] * 3, ctypes.c_int]
 # dalle_causal_attention's: qkv, out, lse, batch, heads, n, dim, qkv strides, out strides, scale, dropout, seed,
@@ -220,7 +228,9 @@ def _load(path: Path) -> ctypes.CDLL:
     library.dalle_geglu.argtypes = _GEGLU_ARGUMENTS
     library.dalle_geglu.restype = None
     library.dalle_geglu_backward.argtypes = _GEGLU_BACKWARD_ARGUMENTS
-    library.dalle_geglu_backward.restype = None
+    library.dalle_geglu_backward.restype = ctypes.c_int
+    library.dalle_scale_backward.argtypes = _SCALE_BACKWARD_ARGUMENTS
+    library.dalle_scale_backward.restype = ctypes.c_int
     library.dalle_cross_entropy.argtypes = _CROSS_ENTROPY_ARGUMENTS
     library.dalle_cross_entropy.restype = ctypes.c_int64
     library.dalle_transpose.argtypes = _TRANSPOSE_ARGUMENTS
@@ -420,18 +430,60 @@ def geglu(library: ctypes.CDLL, h: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def geglu_backward(library: ctypes.CDLL, h: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+def geglu_backward(
+    library: ctypes.CDLL, h: torch.Tensor, grad: torch.Tensor, column_sums: torch.Tensor | None = None
+) -> torch.Tensor:
     """The gradient of :func:`geglu` at ``h`` for ``grad`` (float32, ``h``'s shape with half its last dim): the
-    gradients of ``x`` and ``gate`` as the two halves of one tensor shaped like ``h``."""
+    gradients of ``x`` and ``gate`` as the two halves of one tensor shaped like ``h``. ``column_sums``: a contiguous
+    float32 ``[h.shape[-1]]`` tensor, filled with that gradient summed over all but its last dim (the gradient of a
+    bias added to ``h``), in the same pass."""
     expected = (*h.shape[:-1], h.shape[-1] // 2)
     if tuple(grad.shape) != expected or grad.dtype != torch.float32 or grad.device.type != "cpu":
         raise ShapeError(f"geglu_backward: expected a float32 CPU gradient {list(expected)}, got {grad.dtype} "
                          f"{list(grad.shape)} on {grad.device}")  # fmt: skip
+    if column_sums is not None and not (
+        _plain_cpu_float32(column_sums) and column_sums.shape == h.shape[-1:] and column_sums.is_contiguous()
+    ):
+        raise ShapeError(f"geglu_backward: expected contiguous float32 CPU column sums [{h.shape[-1]}], got "
+                         f"{column_sums.dtype} {list(column_sums.shape)} on {column_sums.device}")  # fmt: skip
     grad = grad.contiguous()
     grad_h = torch.empty_like(h)
     rows, width = h.numel() // h.shape[-1], h.shape[-1] // 2
-    library.dalle_geglu_backward(h.data_ptr(), grad.data_ptr(), grad_h.data_ptr(), rows, width, torch.get_num_threads())
+    sums = None if column_sums is None else column_sums.data_ptr()
+    threads = torch.get_num_threads()
+    if library.dalle_geglu_backward(h.data_ptr(), grad.data_ptr(), grad_h.data_ptr(), sums, rows, width, threads):
+        raise MemoryError("geglu_backward could not allocate its column sums' scratch memory")
     return grad_h
+
+
+def scale_backward_takes(h: torch.Tensor, scale: torch.Tensor) -> bool:
+    """Whether :func:`scale_backward` takes ``h`` and ``scale``: a contiguous float32 CPU ``h`` of at least one
+    element and a ``scale`` of its last dim's size, outside ``torch.compile``'s tracing."""
+    return (
+        _plain_cpu_float32(h)
+        and h.dim() >= 1
+        and h.numel() > 0
+        and h.is_contiguous()
+        and _plain_cpu_float32_vector(scale)
+        and scale.shape[0] == h.shape[-1]
+    )
+
+
+def scale_backward(
+    library: ctypes.CDLL, h: torch.Tensor, grad: torch.Tensor, scale: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradients of ``h * scale`` (a per-channel scale, :func:`scale_backward_takes`) for ``grad``: for ``h``,
+    ``grad * scale``, and for ``scale``, ``grad * h`` summed over all but the last dim, in one pass."""
+    if grad.shape != h.shape or grad.dtype != torch.float32 or grad.device.type != "cpu":
+        raise ShapeError(f"scale_backward: expected a float32 CPU gradient {list(h.shape)}, got {grad.dtype} "
+                         f"{list(grad.shape)} on {grad.device}")  # fmt: skip
+    grad = grad.contiguous()
+    grad_h, grad_scale = torch.empty_like(h), torch.empty(h.shape[-1])
+    width = h.shape[-1]
+    pointers = (h.data_ptr(), grad.data_ptr(), scale.data_ptr(), grad_h.data_ptr(), grad_scale.data_ptr())
+    if library.dalle_scale_backward(*pointers, h.numel() // width, width, torch.get_num_threads()):
+        raise MemoryError("scale_backward could not allocate its column sums' scratch memory")
+    return grad_h, grad_scale
 
 
 def cross_entropy_fits(logits: torch.Tensor, targets: torch.Tensor) -> bool:
@@ -462,12 +514,17 @@ def cross_entropy_takes(logits: torch.Tensor, targets: torch.Tensor) -> bool:
 
 
 def cross_entropy(
-    library: ctypes.CDLL, logits: torch.Tensor, targets: torch.Tensor, grad: torch.Tensor | None = None
+    library: ctypes.CDLL,
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    grad: torch.Tensor | None = None,
+    grad_scale: float = 1.0,
 ) -> torch.Tensor | None:
     """Each row's ``-log softmax(logits)[target]`` (:func:`cross_entropy_takes`), ``float32[rows]``, without
     autograd; with ``grad`` (a contiguous float32 tensor shaped as ``logits``), also fills it with each row's gradient
-    of its loss, ``softmax(logits) - one_hot(target)``. None, with nothing computed, where a target is outside
-    ``[0, vocab)``: ``F.cross_entropy`` says what it makes of that (an error, or an ignored index)."""
+    of its loss times ``grad_scale``, ``grad_scale * (softmax(logits) - one_hot(target))``. None, with nothing
+    computed, where a target is outside ``[0, vocab)``: ``F.cross_entropy`` says what it makes of that (an error, or
+    an ignored index)."""
     rows, vocab = logits.shape
     if grad is not None and (grad.shape != logits.shape or grad.dtype != torch.float32 or not grad.is_contiguous()):
         raise ShapeError(
@@ -483,6 +540,7 @@ def cross_entropy(
         targets.data_ptr(),
         losses.data_ptr(),
         None if grad is None else grad.data_ptr(),
+        grad_scale,
         torch.get_num_threads(),
     )
     return None if outside else losses
