@@ -38,7 +38,7 @@ CASES = [
 def pairs(pattern: AttentionPattern) -> int:
     """Score pairs the kernels compute per batch row and head over the pattern's training input."""
     n = pattern.max_len
-    return n * (n + 1) // 2 if pattern.kind == "full" else kernel_groups(pattern, n).pairs
+    return kernels.causal_pairs(n) if pattern.kind == "full" else kernel_groups(pattern, n).pairs
 
 
 def timings(

@@ -352,8 +352,9 @@ int dalle_scale_backward(const float* h, const float* grad, const float* scale, 
 
 /* Cross-entropy of rows of logits against target ids, a training step's loss: each row's -log softmax(x)[target]
    and, where grad is not NULL, its gradient times grad_scale, grad_scale (softmax(x) - onehot(target)), from one
-   read of the row (and one write of the gradient, rescaled while it is in the caches). PyTorch's log_softmax and nll_loss read and write the logits'
-   size three times forward and three times backward, keeping log-probabilities as large as the logits between. */
+   read of the row (and one write of the gradient, rescaled while it is in the caches). PyTorch's log_softmax and
+   nll_loss read and write the logits' size three times forward and three times backward, keeping log-probabilities
+   as large as the logits between. */
 VECTOR_CLONES
 static float cross_entropy_row(const float* x, int64_t vocab, int64_t target, float* grad, float grad_scale) {
   float shift = row_max(x, vocab - 1);
@@ -381,8 +382,8 @@ static float cross_entropy_row(const float* x, int64_t vocab, int64_t target, fl
 }
 
 /* logits [rows, vocab] (rows row_stride floats apart), targets int64[rows], losses float[rows], grad NULL or
-   contiguous [rows, vocab] (times grad_scale). Returns 0, or 1 + the first row whose target is outside [0, vocab) (then computes
-   nothing: PyTorch's cross-entropy says what it makes of that target). */
+   contiguous [rows, vocab] (times grad_scale). Returns 0, or 1 + the first row whose target is outside [0, vocab)
+   (then computes nothing: PyTorch's cross-entropy says what it makes of that target). */
 int64_t dalle_cross_entropy(const float* logits, int64_t rows, int64_t vocab, int64_t row_stride,
                             const int64_t* targets, float* losses, float* grad, float grad_scale, int threads) {
   for (int64_t r = 0; r < rows; r++)
