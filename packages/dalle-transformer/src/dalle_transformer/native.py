@@ -90,12 +90,12 @@ _SAMPLING_ARGUMENTS: list[type] = [
     ctypes.c_float,
     *[ctypes.c_void_p] * 2,
 ]
-# dalle_geglu's: h, out, rows, width, threads; dalle_geglu_backward's: h, grad, grad_h, rows, width, threads.
+# dalle_geglu's: h, out, rows, width, threads; dalle_geglu_backward's: h, grad, grad_h, sums, rows, width, threads.
 _GEGLU_ARGUMENTS: list[type] = [*[ctypes.c_void_p] * 2, *[ctypes.c_int64] * 2, ctypes.c_int]
 _GEGLU_BACKWARD_ARGUMENTS: list[type] = [*[ctypes.c_void_p] * 4, *[ctypes.c_int64] * 2, ctypes.c_int]
 # dalle_scale_backward's: h, grad, scale, grad_h, grad_scale, rows, width, threads.
 _SCALE_BACKWARD_ARGUMENTS: list[type] = [*[ctypes.c_void_p] * 5, *[ctypes.c_int64] * 2, ctypes.c_int]
-# dalle_cross_entropy's: logits, rows, vocab, row stride, targets, losses, grad, threads.
+# dalle_cross_entropy's: logits, rows, vocab, row stride, targets, losses, grad, grad scale, threads.
 _CROSS_ENTROPY_ARGUMENTS: list[type] = [
     ctypes.c_void_p,
     *[ctypes.c_int64] * 3,
@@ -437,16 +437,12 @@ def geglu_backward(
     gradients of ``x`` and ``gate`` as the two halves of one tensor shaped like ``h``. ``column_sums``: a contiguous
     float32 ``[h.shape[-1]]`` tensor, filled with that gradient summed over all but its last dim (the gradient of a
     bias added to ``h``), in the same pass."""
-    expected = (*h.shape[:-1], h.shape[-1] // 2)
-    if tuple(grad.shape) != expected or grad.dtype != torch.float32 or grad.device.type != "cpu":
-        raise ShapeError(f"geglu_backward: expected a float32 CPU gradient {list(expected)}, got {grad.dtype} "
-                         f"{list(grad.shape)} on {grad.device}")  # fmt: skip
+    grad = _checked_gradient("geglu_backward", grad, (*h.shape[:-1], h.shape[-1] // 2))
     if column_sums is not None and not (
         _plain_cpu_float32(column_sums) and column_sums.shape == h.shape[-1:] and column_sums.is_contiguous()
     ):
         raise ShapeError(f"geglu_backward: expected contiguous float32 CPU column sums [{h.shape[-1]}], got "
                          f"{column_sums.dtype} {list(column_sums.shape)} on {column_sums.device}")  # fmt: skip
-    grad = grad.contiguous()
     grad_h = torch.empty_like(h)
     rows, width = h.numel() // h.shape[-1], h.shape[-1] // 2
     sums = None if column_sums is None else column_sums.data_ptr()
@@ -454,6 +450,15 @@ def geglu_backward(
     if library.dalle_geglu_backward(h.data_ptr(), grad.data_ptr(), grad_h.data_ptr(), sums, rows, width, threads):
         raise MemoryError("geglu_backward could not allocate its column sums' scratch memory")
     return grad_h
+
+
+def _checked_gradient(work: str, grad: torch.Tensor, expected: tuple[int, ...]) -> torch.Tensor:
+    """``grad`` as the backward kernels read it (contiguous), after checking that it is a float32 CPU tensor shaped
+    ``expected``."""
+    if tuple(grad.shape) != expected or grad.dtype != torch.float32 or grad.device.type != "cpu":
+        raise ShapeError(f"{work}: expected a float32 CPU gradient {list(expected)}, got {grad.dtype} "
+                         f"{list(grad.shape)} on {grad.device}")  # fmt: skip
+    return grad.contiguous()
 
 
 def scale_backward_takes(h: torch.Tensor, scale: torch.Tensor) -> bool:
@@ -474,10 +479,7 @@ def scale_backward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The gradients of ``h * scale`` (a per-channel scale, :func:`scale_backward_takes`) for ``grad``: for ``h``,
     ``grad * scale``, and for ``scale``, ``grad * h`` summed over all but the last dim, in one pass."""
-    if grad.shape != h.shape or grad.dtype != torch.float32 or grad.device.type != "cpu":
-        raise ShapeError(f"scale_backward: expected a float32 CPU gradient {list(h.shape)}, got {grad.dtype} "
-                         f"{list(grad.shape)} on {grad.device}")  # fmt: skip
-    grad = grad.contiguous()
+    grad = _checked_gradient("scale_backward", grad, tuple(h.shape))
     grad_h, grad_scale = torch.empty_like(h), torch.empty(h.shape[-1])
     width = h.shape[-1]
     pointers = (h.data_ptr(), grad.data_ptr(), scale.data_ptr(), grad_h.data_ptr(), grad_scale.data_ptr())
