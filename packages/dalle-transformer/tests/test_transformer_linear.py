@@ -20,6 +20,7 @@ from dalle_transformer.linear import (
     linear,
     native_streaming_library,
     onednn_linear,
+    partitioned_linear,
     streaming_max_rows,
 )
 
@@ -134,6 +135,33 @@ def test_onednn_linear_gradients_only_where_asked():
     x.requires_grad_()
     onednn_linear(x, frozen).sum().backward()  # a frozen weight: the input's alone
     torch.testing.assert_close(x.grad, frozen.sum(0).expand(10, 16), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("with_grad", ["all", "no weight", "no input"])
+def test_partitioned_linear_is_two_layers_over_the_weights_parts(with_grad):
+    # 100 and 20 output features over 48 inputs: both forms of the weight gradient (and of the bias's: summed in the
+    # product for the wider part, by a sum for the narrower), written into parts of one gradient.
+    generator = torch.Generator().manual_seed(7)
+    base = torch.randn(3, 11, 48, generator=generator)
+    weight = torch.randn(120, 48, generator=generator).requires_grad_(with_grad != "no weight")
+    bias = torch.randn(120, generator=generator, requires_grad=True)
+    x = base.clone().requires_grad_(with_grad != "no input")
+    first, second = partitioned_linear(x, 4, weight, bias, 100)
+    grads = torch.randn(3, 4, 100, generator=generator), torch.randn(3, 7, 20, generator=generator)
+    torch.autograd.backward((first, second), grads)
+    if ONEDNN_IS_FASTER:
+        assert type(first.grad_fn).__name__ == "_PartitionedLinearBackward"
+    leaves = [t.detach().double().requires_grad_() for t in (base, weight, bias)]
+    x64, w64, b64 = leaves
+    expected = x64[:, :4] @ w64[:100].T + b64[:100], x64[:, 4:] @ w64[100:].T + b64[100:]
+    torch.autograd.backward(expected, [g.double() for g in grads])
+    for out, reference in zip((first, second), expected, strict=True):
+        torch.testing.assert_close(out, reference.float(), atol=1e-4, rtol=1e-5)
+    for leaf, reference in zip((x, weight, bias), leaves, strict=True):
+        if leaf.requires_grad:
+            torch.testing.assert_close(leaf.grad, reference.grad.float(), atol=1e-4, rtol=1e-5)
+        else:
+            assert leaf.grad is None
 
 
 def test_onednn_linear_follows_a_weight_changed_in_place():

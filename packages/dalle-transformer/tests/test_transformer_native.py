@@ -284,6 +284,17 @@ def test_transposed_copies_rows_into_columns_exactly(rows: int, cols: int) -> No
 
 
 @needs_compiler
+def test_transposed_writes_into_rows_of_a_larger_tensor() -> None:
+    library = native.default_library()
+    assert library is not None
+    x, whole = torch.randn(40, 24), torch.zeros(30, 40)
+    assert native.transposed(library, x, out=whole[3:27]).data_ptr() == whole[3].data_ptr()
+    assert torch.equal(whole[3:27], x.T) and not whole[:3].any() and not whole[27:].any()
+    with pytest.raises(ShapeError, match=r"\[24, 40\], got a strided torch.float32 \[24, 40\] on cpu"):
+        native.transposed(library, x, out=torch.zeros(40, 24).T)  # the right shape, in columns
+
+
+@needs_compiler
 @pytest.mark.parametrize(("in_features", "out_features"), [(24, 40), (40, 24)])
 def test_linear_gradients_are_the_same_with_and_without_the_kernels(
     monkeypatch: pytest.MonkeyPatch, in_features: int, out_features: int

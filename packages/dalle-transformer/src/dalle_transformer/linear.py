@@ -260,25 +260,42 @@ def onednn_input_gradient(grad: torch.Tensor, weight: torch.Tensor) -> torch.Ten
     return _product(grad, weight.T)
 
 
-def onednn_weight_gradient(grad: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+def onednn_weight_gradient(
+    grad: torch.Tensor, flat: torch.Tensor, out: torch.Tensor | None = None, bias_out: torch.Tensor | None = None
+) -> torch.Tensor:
     """``grad^T @ flat`` (``[out, in]``): the gradient for ``weight`` of ``flat @ weight^T`` (float32 CPU, 2-D
-    ``grad`` and ``flat``, in oneDNN)."""
+    ``grad`` and ``flat``, in oneDNN); written into ``out`` (returned) where given, a contiguous ``[out, in]``.
+    ``bias_out``: also writes the bias's gradient there (``grad``'s column sums)."""
     # For out > in computed as (flat^T @ grad)^T and copied to rows: oneDNN is slow writing a result of many more
     # rows than columns (an [4096, 512] weight gradient from 2,560 rows: 200 GFLOP/s, against 340 this way with the
     # copy). oneDNN copies a transposed first factor to rows itself: the native library copies it (and the result
     # below) on every thread where it is built, where PyTorch's and oneDNN's copies run on one.
     if grad.shape[1] <= flat.shape[1]:
-        return _product(_transposed(grad, contiguous=False), flat.T)
-    return _transposed(_product(_transposed(flat, contiguous=False), grad.T), contiguous=True)
+        if bias_out is not None:
+            torch.sum(grad, 0, out=bias_out)
+        result = _product(_transposed(grad), flat.T)
+        return result if out is None else out.copy_(result)
+    # A row of ones under flat^T makes the product's last row the bias's gradient: summed as the product reads grad,
+    # where a sum afterwards reads it back from memory (0.7 ms of an S benchmark step for the text logits' bias).
+    inputs = flat.shape[1]
+    factor = flat.new_empty(inputs + (bias_out is not None), flat.shape[0])
+    _transposed(flat, factor[:inputs])
+    if bias_out is not None:
+        factor[inputs].fill_(1.0)
+    result = _product(factor, grad.T)
+    if bias_out is not None:
+        bias_out.copy_(result[inputs])
+    weights = result[:inputs]
+    return _transposed(weights, weights.new_empty(weights.shape[::-1]) if out is None else out)
 
 
-def _transposed(x: torch.Tensor, *, contiguous: bool) -> torch.Tensor:
-    """``x.T``: copied to rows of its own by the native library where it takes ``x``, else by PyTorch with
-    ``contiguous`` and left a view without."""
+def _transposed(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``x.T``: copied to rows of its own by the native library where it takes ``x`` (into ``out`` where given),
+    else a view, copied into ``out`` where given."""
     library = native.library_for(x)
     if library is not None and native.transpose_takes(x):
-        return native.transposed(library, x)
-    return x.T.contiguous() if contiguous else x.T
+        return native.transposed(library, x, out)
+    return x.T if out is None else out.copy_(x.T)
 
 
 class Linear(nn.Linear):
@@ -286,3 +303,67 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias)
+
+
+def partitioned_linear(
+    x: torch.Tensor, split: int, weight: torch.Tensor, bias: torch.Tensor, features: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``linear(x[:, :split], weight[:features], bias[:features])`` and ``linear(x[:, split:], weight[features:],
+    bias[features:])`` for ``x`` ``[B, L, in]``: one layer whose output features are divided between two runs of
+    positions (the logits layer: text positions predict text ids, image positions image ids). Where oneDNN trains
+    the products, one autograd function (:class:`_PartitionedLinear`) whose backward writes both parts' weight and
+    bias gradients into one gradient each."""
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias.requires_grad)
+    if needs_grad and 0 < split < x.shape[1] and 0 < features < weight.shape[0] and onednn_trains(x, weight, bias):
+        first, second = _PartitionedLinear.apply(x, split, weight, bias, features)
+        return first, second
+    sizes = [features, weight.shape[0] - features]
+    first_weight, second_weight = weight.split(sizes)
+    first_bias, second_bias = bias.split(sizes)
+    return linear(x[:, :split], first_weight, first_bias), linear(x[:, split:], second_weight, second_bias)
+
+
+class _PartitionedLinear(torch.autograd.Function):
+    """:func:`partitioned_linear` in oneDNN. Two layers over split views of the weight would each compute their
+    part's gradient, which the split's backward then copies into a whole-size gradient: the text part of a DALL-E
+    logits layer is 10 MB, and the copy took 1-4 ms of a 170-200 ms training step of the S benchmark config, where
+    the parts' products write their gradients in place here (docs/benchmarks.md)."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, x: torch.Tensor, split: int, weight: torch.Tensor, bias: torch.Tensor, features: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        batch, dim = x.shape[0], x.shape[-1]
+        first, second = x[:, :split].reshape(-1, dim), x[:, split:].reshape(-1, dim)
+        ctx.save_for_backward(first, second, weight)
+        ctx.features = features
+        first_out = _product(first, weight[:features], bias[:features])
+        second_out = _product(second, weight[features:], bias[features:])
+        return first_out.view(batch, split, -1), second_out.view(batch, x.shape[1] - split, -1)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad_first: torch.Tensor, grad_second: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        first, second, weight = ctx.saved_tensors
+        rows = (slice(None, ctx.features), slice(ctx.features, None))
+        parts = [
+            (grad.reshape(-1, grad.shape[-1]), inputs, part)
+            for grad, inputs, part in ((grad_first, first, rows[0]), (grad_second, second, rows[1]))
+        ]
+        needs = ctx.needs_input_grad
+        grad_x = grad_weight = grad_bias = None
+        if needs[0]:
+            batch = grad_first.shape[0]
+            grads = [
+                onednn_input_gradient(grad, weight[part]).view(batch, -1, weight.shape[1]) for grad, _, part in parts
+            ]
+            grad_x = torch.cat(grads, dim=1)
+        grad_weight = weight.new_empty(weight.shape) if needs[2] else None
+        grad_bias = weight.new_empty(weight.shape[0]) if needs[3] else None
+        for grad, inputs, part in parts:
+            bias_part = grad_bias[part] if grad_bias is not None else None
+            if grad_weight is not None:
+                onednn_weight_gradient(grad, inputs, out=grad_weight[part], bias_out=bias_part)
+            elif bias_part is not None:
+                torch.sum(grad, 0, out=bias_part)
+        return grad_x, None, grad_weight, grad_bias, None

@@ -32,7 +32,7 @@ from dalle_transformer.config import DALLEConfig
 from dalle_transformer.decoding_weights import ProjectionCopies, project
 from dalle_transformer.inputs import check_image_ids, check_image_prefix, check_text_ids
 from dalle_transformer.layers import Block, FeedForward, decoding_weights, run_sequential
-from dalle_transformer.linear import linear
+from dalle_transformer.linear import linear, partitioned_linear
 from dalle_transformer.loss import cross_entropy
 from dalle_transformer.masks import layer_patterns
 from dalle_transformer.reversible import run_reversible
@@ -359,15 +359,11 @@ class DALLE(nn.Module):
         return linear(self._final_norm(hidden), *self._image_head())
 
     def _sequence_logits(self, hidden: torch.Tensor, text_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Text logits of positions ``:text_len`` and image logits of the rest, from one split of the logits layer:
-        its backward writes the weight's gradient once, where two slices would each zero-fill a whole-size gradient
-        to be added."""
-        sizes = [self.config.num_text_logits, self.config.num_image_tokens]
-        text_weight, image_weight = self.to_logits.weight.split(sizes)
-        text_bias, image_bias = self.to_logits.bias.split(sizes)
+        """Text logits of positions ``:text_len`` and image logits of the rest, from the text and image rows of the
+        logits layer (:func:`partitioned_linear`: its backward writes the weight's gradient once)."""
         normed = self._final_norm(hidden)
-        text_logits = linear(normed[:, :text_len], text_weight, text_bias)
-        return text_logits, linear(normed[:, text_len:], image_weight, image_bias)
+        logits = self.to_logits
+        return partitioned_linear(normed, text_len, logits.weight, logits.bias, self.config.num_text_logits)
 
     # ---------------------------------------------------------------- training
 

@@ -554,10 +554,16 @@ def transpose_takes(x: torch.Tensor) -> bool:
     return _plain_cpu_float32(x) and x.dim() == 2 and x.stride(1) == 1
 
 
-def transposed(library: ctypes.CDLL, x: torch.Tensor) -> torch.Tensor:
-    """``x.T.contiguous()`` for ``x`` that :func:`transpose_takes`, without autograd."""
+def transposed(library: ctypes.CDLL, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``x.T.contiguous()`` for ``x`` that :func:`transpose_takes`, without autograd; written into ``out`` (returned)
+    where given: a contiguous float32 CPU ``[cols, rows]`` tensor."""
     rows, cols = x.shape
-    out = torch.empty(cols, rows)
+    if out is None:
+        out = torch.empty(cols, rows)
+    elif not (_plain_cpu_float32(out) and out.shape == (cols, rows) and out.is_contiguous()):
+        layout = "contiguous" if out.is_contiguous() else "strided"
+        raise ShapeError(f"transposed: expected out a contiguous float32 CPU tensor {[cols, rows]}, got a {layout} "
+                         f"{out.dtype} {list(out.shape)} on {out.device}")  # fmt: skip
     library.dalle_transpose(x.data_ptr(), out.data_ptr(), rows, cols, x.stride(0), torch.get_num_threads())
     return out
 
