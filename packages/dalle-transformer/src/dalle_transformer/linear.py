@@ -326,7 +326,7 @@ def partitioned_linear(
 class _PartitionedLinear(torch.autograd.Function):
     """:func:`partitioned_linear` in oneDNN. Two layers over split views of the weight would each compute their
     part's gradient, which the split's backward then copies into a whole-size gradient: the text part of a DALL-E
-    logits layer is 10 MB, and the copy took 1-4 ms of a 170-200 ms training step of the S benchmark config, where
+    logits layer is 10 MB, and the copy took 1-3 ms of a 170-200 ms training step of the S benchmark config, where
     the parts' products write their gradients in place here (docs/benchmarks.md)."""
 
     @staticmethod
