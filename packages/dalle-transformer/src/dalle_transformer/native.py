@@ -438,11 +438,8 @@ def geglu_backward(
     float32 ``[h.shape[-1]]`` tensor, filled with that gradient summed over all but its last dim (the gradient of a
     bias added to ``h``), in the same pass."""
     grad = _checked_gradient("geglu_backward", grad, (*h.shape[:-1], h.shape[-1] // 2))
-    if column_sums is not None and not (
-        _plain_cpu_float32(column_sums) and column_sums.shape == h.shape[-1:] and column_sums.is_contiguous()
-    ):
-        raise ShapeError(f"geglu_backward: expected contiguous float32 CPU column sums [{h.shape[-1]}], got "
-                         f"{column_sums.dtype} {list(column_sums.shape)} on {column_sums.device}")  # fmt: skip
+    if column_sums is not None:
+        _check_output("geglu_backward", "column sums", column_sums, h.shape[-1:])
     grad_h = torch.empty_like(h)
     rows, width = h.numel() // h.shape[-1], h.shape[-1] // 2
     sums = None if column_sums is None else column_sums.data_ptr()
@@ -459,6 +456,15 @@ def _checked_gradient(work: str, grad: torch.Tensor, expected: tuple[int, ...]) 
         raise ShapeError(f"{work}: expected a float32 CPU gradient {list(expected)}, got {grad.dtype} "
                          f"{list(grad.shape)} on {grad.device}")  # fmt: skip
     return grad.contiguous()
+
+
+def _check_output(work: str, name: str, out: torch.Tensor, expected: Sequence[int]) -> None:
+    """Raises :class:`ShapeError` unless ``out``, a tensor a kernel writes into, is a contiguous float32 CPU tensor
+    shaped ``expected`` (:func:`_plain_cpu_float32`)."""
+    if not (_plain_cpu_float32(out) and tuple(out.shape) == tuple(expected) and out.is_contiguous()):
+        layout = "contiguous" if out.is_contiguous() else "strided"
+        raise ShapeError(f"{work}: expected contiguous float32 CPU {name} {list(expected)}, got a {layout} "
+                         f"{out.dtype} {list(out.shape)} on {out.device}")  # fmt: skip
 
 
 def scale_backward_takes(h: torch.Tensor, scale: torch.Tensor) -> bool:
@@ -560,10 +566,8 @@ def transposed(library: ctypes.CDLL, x: torch.Tensor, out: torch.Tensor | None =
     rows, cols = x.shape
     if out is None:
         out = torch.empty(cols, rows)
-    elif not (_plain_cpu_float32(out) and out.shape == (cols, rows) and out.is_contiguous()):
-        layout = "contiguous" if out.is_contiguous() else "strided"
-        raise ShapeError(f"transposed: expected out a contiguous float32 CPU tensor {[cols, rows]}, got a {layout} "
-                         f"{out.dtype} {list(out.shape)} on {out.device}")  # fmt: skip
+    else:
+        _check_output("transposed", "out", out, (cols, rows))
     library.dalle_transpose(x.data_ptr(), out.data_ptr(), rows, cols, x.stride(0), torch.get_num_threads())
     return out
 
