@@ -11,7 +11,15 @@ import json
 import sys
 
 import torch
-from configs import CONFIGS, GENERATE_BATCH, NUM_IMAGE_TOKENS, NUM_TEXT_TOKENS, PEER_ARCHITECTURE, TRAIN_BATCH
+from configs import (
+    CONFIGS,
+    GENERATE_BATCH,
+    NUM_IMAGE_TOKENS,
+    NUM_TEXT_TOKENS,
+    PEER_ARCHITECTURE,
+    TRAIN_BATCH,
+    TRAIN_REPEATS,
+)
 from timing import median_seconds, peak_rss_mib, random_batch, run_measurement, seconds_and_gemm_flops
 
 from dalle_train.config import OptimizerConfig
@@ -127,8 +135,8 @@ def parameters(name: str, attention: str) -> dict:
 
 MEASUREMENTS = {
     "parameters": parameters,
-    "train": lambda name, attention: train(name, attention, repeats=5 if name == "S" else 3),
-    "train_compiled": lambda name, attention: train(name, attention, repeats=5 if name == "S" else 3, compiled=True),
+    "train": lambda name, attention: train(name, attention, repeats=TRAIN_REPEATS[name]),
+    "train_compiled": lambda name, attention: train(name, attention, repeats=TRAIN_REPEATS[name], compiled=True),
     "generate": lambda name, attention: generate(name, attention, repeats=3, cond_scale=1.0),
     "generate_guided": lambda name, attention: generate(name, attention, repeats=3, cond_scale=3.0),
     "generate_compiled": lambda name, attention: generate(name, attention, repeats=3, cond_scale=1.0, compiled=True),

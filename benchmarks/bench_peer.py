@@ -12,7 +12,7 @@ import types
 import warnings
 
 import torch
-from configs import CONFIGS, GENERATE_BATCH, NUM_IMAGE_TOKENS, NUM_TEXT_TOKENS, TRAIN_BATCH
+from configs import CONFIGS, GENERATE_BATCH, NUM_IMAGE_TOKENS, NUM_TEXT_TOKENS, TRAIN_BATCH, TRAIN_REPEATS
 from timing import median_seconds, peak_rss_mib, random_batch, run_measurement
 
 
@@ -128,7 +128,7 @@ def _generate(mode: str):
 
 MEASUREMENTS = {
     "parameters": parameters,
-    "train": lambda name, attention: train(name, attention, repeats=5 if name == "S" else 3),
+    "train": lambda name, attention: train(name, attention, repeats=TRAIN_REPEATS[name]),
     **{mode: _generate(mode) for mode in ("generate_images", "generate_images_guided", "cached_loop")},
     "vae": lambda name, attention: vae(name, repeats=5),
 }

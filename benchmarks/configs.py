@@ -6,6 +6,9 @@ from __future__ import annotations
 NUM_TEXT_TOKENS = 10000
 NUM_IMAGE_TOKENS = 1024
 TRAIN_BATCH = 8
+# Timed training steps per measurement (their median): S's steps take a fifth of a second (ours) to half of one,
+# too few of them and a moment of this VM's noise is the median.
+TRAIN_REPEATS = {"S": 15, "M": 3}
 GENERATE_BATCH = 4
 
 CONFIGS = {

@@ -135,10 +135,15 @@ def measure_config(args: argparse.Namespace, name: str, attention: str) -> dict:
     rounds: dict = {"ours": {}, "peer": {}}
     if args.peer:
         check_same_model(args, name, attention)
-    plan = [("ours", args.ours, "bench_ours.py", what, None) for what in OUR_MEASUREMENTS]
-    if args.peer:
-        plan += [("peer", args.peer, "bench_peer.py", "train", None)]
-        plan += [("peer", args.peer, "bench_peer.py", "cached_loop", args.peer_time_limit)]
+    # Each of the peer's measurements right after the one of ours it is divided by: this VM's speed drifts by 10%
+    # over minutes, and with the peer's after all of ours (minutes of generation between) a ratio was as much the
+    # drift's as the systems' (S training measured 1.84x and 2.16x in two runs an hour apart).
+    peer_after = {"train": ("train", None), "generate": ("cached_loop", args.peer_time_limit)} if args.peer else {}
+    plan = []
+    for what in OUR_MEASUREMENTS:
+        plan.append(("ours", args.ours, "bench_ours.py", what, None))
+        if what in peer_after:
+            plan.append(("peer", args.peer, "bench_peer.py", *peer_after[what]))
     # Rounds interleave the two systems, so a slow moment of this machine falls on both sides.
     for round_index in range(args.rounds):
         for side, python, script, what, time_limit in plan:
@@ -216,7 +221,8 @@ def append_markdown(results: dict, path: Path) -> None:
         "just before and after each training measurement's steps, in its process. Medians of repeated "
         "runs, each measurement in a fresh process"
         + (f", medians over {results['rounds']} interleaved rounds" if results.get("rounds", 1) > 1 else "")
-        + "; ratios are ours / DALLE-pytorch 1.6.6 measured in the same run.\n",
+        + "; ratios are ours / DALLE-pytorch 1.6.6 measured in the same run, the peer's training and cached loop "
+        "each right after our training and generation.\n",
         "| config | attention | train tok/s (ours) | train tok/s (peer) | ratio | sgemm fraction | peak MiB ours/peer "
         "| train compiled (first step s) | compiled ratio | gen img-tok/s | guided | compiled (first batch s) "
         "| peer cached loop | peer generate_images | vs loop "

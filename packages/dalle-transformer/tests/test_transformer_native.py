@@ -378,6 +378,10 @@ def test_cross_entropy_and_its_gradient_match_float64(rows: int, vocab: int) -> 
     assert grad[0, -1] == 0.0 or vocab == 1  # a -inf logit: probability 0, exactly
     without_grad = native.cross_entropy(library, logits, targets)
     assert without_grad is not None and torch.equal(without_grad, losses)
+    unwritable_grads = [torch.empty_like(logits, dtype=torch.float64), torch.empty(rows, vocab + 1)]
+    for unwritable in unwritable_grads + ([torch.empty(vocab, rows).T] if rows > 1 and vocab > 1 else []):
+        with pytest.raises(ShapeError, match=rf"cross_entropy: expected contiguous float32 CPU gradient \[{rows}, "):
+            native.cross_entropy(library, logits, targets, unwritable)
 
 
 @needs_compiler

@@ -529,16 +529,13 @@ def cross_entropy(
     grad_scale: float = 1.0,
 ) -> torch.Tensor | None:
     """Each row's ``-log softmax(logits)[target]`` (:func:`cross_entropy_takes`), ``float32[rows]``, without
-    autograd; with ``grad`` (a contiguous float32 tensor shaped as ``logits``), also fills it with each row's gradient
-    of its loss times ``grad_scale``, ``grad_scale * (softmax(logits) - one_hot(target))``. None, with nothing
-    computed, where a target is outside ``[0, vocab)``: ``F.cross_entropy`` says what it makes of that (an error, or
-    an ignored index)."""
+    autograd; with ``grad`` (a contiguous float32 CPU tensor shaped as ``logits``), also fills it with each row's
+    gradient of its loss times ``grad_scale``, ``grad_scale * (softmax(logits) - one_hot(target))``. None, with
+    nothing computed, where a target is outside ``[0, vocab)``: ``F.cross_entropy`` says what it makes of that (an
+    error, or an ignored index)."""
     rows, vocab = logits.shape
-    if grad is not None and (grad.shape != logits.shape or grad.dtype != torch.float32 or not grad.is_contiguous()):
-        raise ShapeError(
-            f"cross_entropy: expected a contiguous float32 gradient {list(logits.shape)}, got {grad.dtype} "
-            f"{list(grad.shape)}{'' if grad.is_contiguous() else ' (strided)'}"
-        )
+    if grad is not None:
+        _check_output("cross_entropy", "gradient", grad, logits.shape)
     losses = torch.empty(rows)
     outside = library.dalle_cross_entropy(
         logits.data_ptr(),
