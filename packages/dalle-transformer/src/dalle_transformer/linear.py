@@ -278,9 +278,11 @@ def onednn_weight_gradient(
     # A row of ones under flat^T makes the product's last row the bias's gradient: summed as the product reads grad,
     # where a sum afterwards reads it back from memory (0.7 ms of an S benchmark step for the text logits' bias).
     inputs = flat.shape[1]
-    factor = flat.new_empty(inputs + (bias_out is not None), flat.shape[0])
-    _transposed(flat, factor[:inputs])
-    if bias_out is not None:
+    if bias_out is None:
+        factor = _transposed(flat)  # (a view for oneDNN to copy where the native library does not copy it)
+    else:
+        factor = flat.new_empty(inputs + 1, flat.shape[0])
+        _transposed(flat, factor[:inputs])
         factor[inputs].fill_(1.0)
     result = _product(factor, grad.T)
     if bias_out is not None:
@@ -351,7 +353,7 @@ class _PartitionedLinear(torch.autograd.Function):
             for grad, inputs, part in ((grad_first, first, rows[0]), (grad_second, second, rows[1]))
         ]
         needs = ctx.needs_input_grad
-        grad_x = grad_weight = grad_bias = None
+        grad_x = None
         if needs[0]:
             batch = grad_first.shape[0]
             grads = [
