@@ -19,6 +19,7 @@ from configs import (
     PEER_ARCHITECTURE,
     TRAIN_BATCH,
     TRAIN_REPEATS,
+    VAE_REPEATS,
 )
 from timing import median_seconds, peak_rss_mib, random_batch, run_measurement, seconds_and_gemm_flops
 
@@ -140,7 +141,7 @@ MEASUREMENTS = {
     "generate": lambda name, attention: generate(name, attention, repeats=3, cond_scale=1.0),
     "generate_guided": lambda name, attention: generate(name, attention, repeats=3, cond_scale=3.0),
     "generate_compiled": lambda name, attention: generate(name, attention, repeats=3, cond_scale=1.0, compiled=True),
-    "vae": lambda name, attention: vae(name, repeats=5),
+    "vae": lambda name, attention: vae(name, repeats=VAE_REPEATS),
 }
 
 

@@ -12,7 +12,15 @@ import types
 import warnings
 
 import torch
-from configs import CONFIGS, GENERATE_BATCH, NUM_IMAGE_TOKENS, NUM_TEXT_TOKENS, TRAIN_BATCH, TRAIN_REPEATS
+from configs import (
+    CONFIGS,
+    GENERATE_BATCH,
+    NUM_IMAGE_TOKENS,
+    NUM_TEXT_TOKENS,
+    TRAIN_BATCH,
+    TRAIN_REPEATS,
+    VAE_REPEATS,
+)
 from timing import median_seconds, peak_rss_mib, random_batch, run_measurement
 
 
@@ -130,7 +138,7 @@ MEASUREMENTS = {
     "parameters": parameters,
     "train": lambda name, attention: train(name, attention, repeats=TRAIN_REPEATS[name]),
     **{mode: _generate(mode) for mode in ("generate_images", "generate_images_guided", "cached_loop")},
-    "vae": lambda name, attention: vae(name, repeats=5),
+    "vae": lambda name, attention: vae(name, repeats=VAE_REPEATS),
 }
 
 

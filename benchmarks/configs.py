@@ -9,6 +9,9 @@ TRAIN_BATCH = 8
 # Timed training steps per measurement (their median): S's steps take a fifth of a second (ours) to half of one,
 # too few of them and a moment of this VM's noise is the median.
 TRAIN_REPEATS = {"S": 15, "M": 3}
+# Timed VAE encodes and decodes (16 images each) per measurement: S's take 6-40 ms, and with 5 either side's median
+# was a moment of noise (ours 0.65-0.95x the same network's speed in the peer's process, 1.0x measured again).
+VAE_REPEATS = 20
 GENERATE_BATCH = 4
 
 CONFIGS = {

@@ -131,7 +131,8 @@ def check_same_model(args: argparse.Namespace, name: str, attention: str) -> Non
 
 
 def measure_config(args: argparse.Namespace, name: str, attention: str) -> dict:
-    """Every measurement of one config and attention type, ``args.rounds`` times, combined by :func:`combine`."""
+    """Every measurement of one config and attention type, ``args.rounds`` times, combined by :func:`combine`; the
+    training pair (ours, then the peer's) ``args.train_rounds`` times in all, its ratios kept pair by pair."""
     rounds: dict = {"ours": {}, "peer": {}}
     if args.peer:
         check_same_model(args, name, attention)
@@ -154,7 +155,31 @@ def measure_config(args: argparse.Namespace, name: str, attention: str) -> dict:
                 args.peer, "bench_peer.py", "generate_images", name, attention, time_limit=args.peer_time_limit
             )
             rounds["peer"]["generate_images"] = [result]
-    return {side: {what: combine(results) for what, results in by_what.items()} for side, by_what in rounds.items()}
+    for _ in range(args.train_rounds - args.rounds):
+        rounds["ours"]["train"].append(measure(args.ours, "bench_ours.py", "train", name, attention))
+        if args.peer:
+            rounds["peer"]["train"].append(measure(args.peer, "bench_peer.py", "train", name, attention))
+    entry = {side: {what: combine(results) for what, results in by_what.items()} for side, by_what in rounds.items()}
+    if args.peer:
+        entry["train_ratios"] = paired_ratios(rounds["ours"]["train"], rounds["peer"]["train"], "tokens_per_s")
+    return entry
+
+
+def measure_vae(args: argparse.Namespace, name: str) -> dict:
+    """The VAE's encode and decode speeds, ours then the peer's, ``args.rounds`` times, combined by :func:`combine`
+    (the same network on both sides: its speed is PyTorch's convolutions', so these show the measurement's noise)."""
+    rounds: dict = {"ours": [], "peer": []}
+    for _ in range(args.rounds):
+        rounds["ours"].append(measure(args.ours, "bench_ours.py", "vae", name))
+        if args.peer:
+            rounds["peer"].append(measure(args.peer, "bench_peer.py", "vae", name))
+    return {side: combine(results) if results else {} for side, results in rounds.items()}
+
+
+def paired_ratios(ours: list[dict], theirs: list[dict], key: str) -> list[float]:
+    """ours / theirs of each pair measured back to back where both sides gave ``key``: this VM's speed drifts by
+    10% over minutes, less within a pair, so the median of these is steadier than the ratio of the two medians."""
+    return [mine[key] / peer[key] for mine, peer in zip(ours, theirs, strict=True) if key in mine and key in peer]
 
 
 def main() -> None:
@@ -178,6 +203,12 @@ def main() -> None:
         help="measure each config this many times, the two systems interleaved, and report medians over the rounds "
         "(DALLE-pytorch's generate_images once)",
     )
+    parser.add_argument(
+        "--train-rounds",
+        type=int,
+        help="measure training (ours, then the peer's) this many times in all, the rounds' and then pairs of "
+        "training alone (default: --rounds); the ratio is the median of the pairs' ratios",
+    )
     args = parser.parse_args()
     # abspath, not resolve: a virtualenv's python is a symlink whose target is outside the virtualenv.
     args.ours = os.path.abspath(args.ours)
@@ -185,12 +216,17 @@ def main() -> None:
 
     if args.rounds < 1:
         parser.error(f"--rounds: expected at least 1, got {args.rounds}")
+    if args.train_rounds is None:
+        args.train_rounds = args.rounds
+    elif args.train_rounds < args.rounds:
+        parser.error(f"--train-rounds: expected at least --rounds ({args.rounds}), got {args.train_rounds}")
     rates = gemm_rates(args.ours)
     results: dict = {
         "machine": machine(args.ours),
         "sgemm_flops": rates["sgemm"],
         "onednn_gemm_flops": rates["onednn"],
         "rounds": args.rounds,
+        "train_rounds": args.train_rounds,
         "runs": {},
     }
     for name in args.configs:
@@ -199,10 +235,7 @@ def main() -> None:
             entry = measure_config(args, name, attention)
             results["runs"][key] = entry
             print(key, json.dumps(entry), flush=True)
-        results["runs"][f"{name}/vae"] = {
-            "ours": measure(args.ours, "bench_ours.py", "vae", name),
-            "peer": measure(args.peer, "bench_peer.py", "vae", name) if args.peer else {},
-        }
+        results["runs"][f"{name}/vae"] = measure_vae(args, name)
     (HERE / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     append_markdown(results, Path(args.output))
 
@@ -221,8 +254,14 @@ def append_markdown(results: dict, path: Path) -> None:
         "just before and after each training measurement's steps, in its process. Medians of repeated "
         "runs, each measurement in a fresh process"
         + (f", medians over {results['rounds']} interleaved rounds" if results.get("rounds", 1) > 1 else "")
+        + (
+            f"; training measured {results['train_rounds']} times on each side"
+            if results.get("train_rounds", 1) > results.get("rounds", 1)
+            else ""
+        )
         + "; ratios are ours / DALLE-pytorch 1.6.6 measured in the same run, the peer's training and cached loop "
-        "each right after our training and generation.\n",
+        "each right after our training and generation; the training ratio is the median of the pairs' ratios "
+        "(lowest-highest pair in brackets).\n",
         "| config | attention | train tok/s (ours) | train tok/s (peer) | ratio | sgemm fraction | peak MiB ours/peer "
         "| train compiled (first step s) | compiled ratio | gen img-tok/s | guided | compiled (first batch s) "
         "| peer cached loop | peer generate_images | vs loop "
@@ -257,7 +296,7 @@ def append_markdown(results: dict, path: Path) -> None:
         lines.append(
             f"| {name} | {attention} | {fmt(train.get('tokens_per_s'))} "
             f"| {fmt((peer_train or {}).get('tokens_per_s'))} "
-            f"| {ratio(train, peer_train, 'tokens_per_s')} | {fraction} | {memory} "
+            f"| {train_ratio_cell(entry.get('train_ratios'), train, peer_train)} | {fraction} | {memory} "
             f"| {train_compiled_cell} | {ratio(train_compiled, peer_train, 'tokens_per_s')} "
             f"| {fmt(gen.get('image_tokens_per_s'))} | {fmt(guided.get('image_tokens_per_s'))} | {compiled_cell} "
             f"| {generation_cell(loop, tokens)} | {generation_cell(full, tokens)} "
@@ -279,6 +318,15 @@ def append_markdown(results: dict, path: Path) -> None:
         path.write_text("# Benchmarks\n\nAppended by `uvx nox -s bench` and `uvx nox -s bench_peer`; newest last.\n")
     with open(path, "a", encoding="utf-8") as handle:
         handle.write("\n".join(lines) + "\n")
+
+
+def train_ratio_cell(pairs: list[float] | None, train: dict, peer_train: dict | None) -> str:
+    """The median of the training pairs' ratios, with the lowest and highest where there are several (results
+    written before pairs were kept: the ratio of the two medians)."""
+    if not pairs:
+        return ratio(train, peer_train, "tokens_per_s")
+    spread = f" ({min(pairs):.2f}-{max(pairs):.2f})" if len(pairs) > 1 else ""
+    return f"{statistics.median(pairs):.2f}x{spread}"
 
 
 def attention_work_lines(results: dict) -> list[str]:

@@ -22,6 +22,7 @@ from dalle_transformer.linear import (
     onednn_linear,
     partitioned_linear,
     streaming_max_rows,
+    without_gaps,
 )
 
 
@@ -123,6 +124,38 @@ def test_onednn_linear_forward_and_gradients(out_features, with_bias):
     assert torch.count_nonzero(parameter.grad[:5]) == 0
     if bias is not None:
         torch.testing.assert_close(bias.grad, grad_b[0].float(), atol=1e-4, rtol=1e-5)
+
+
+def test_product_factors_with_gaps_are_copied_and_others_are_not():
+    """oneDNN runs its reference kernel, hundreds of times slower, on a second factor whose rows (or columns) have
+    gaps between them: those are copied to rows first, the layouts its fast kernels take are passed as they are."""
+    generator = torch.Generator().manual_seed(4)
+    rows = torch.randn(6, 10, generator=generator)
+    columns = torch.randn(10, 6, generator=generator).T
+    one_row = torch.randn(3, 10, generator=generator)[1:2]
+    for plain in (rows, columns, one_row):
+        assert without_gaps(plain) is plain
+    wider = torch.randn(6, 16, generator=generator)[:, :10]  # rows 16 floats apart
+    taller = torch.randn(10, 9, generator=generator).T[:6]  # columns 9 floats apart, [6, 10]
+    for gapped in (wider, taller):
+        copy = without_gaps(gapped)
+        assert copy.is_contiguous() and torch.equal(copy, gapped)
+    if ONEDNN_IS_FASTER:
+        packed = torch.ops.mkldnn._reorder_linear_weight(rows, 4)
+        assert without_gaps(packed) is packed
+
+
+def test_onednn_linear_gradients_with_an_input_sliced_from_wider_rows():
+    """A 2-D input whose rows have gaps (columns sliced from a wider tensor) is viewed, not copied, as the rows of
+    the products; its transpose, the weight gradient's second factor, goes to oneDNN without gaps."""
+    generator = torch.Generator().manual_seed(5)
+    x = torch.randn(30, 64, generator=generator)[:, :48].requires_grad_()
+    weight = torch.randn(24, 48, generator=generator, requires_grad=True)  # narrower: the gradient's x^T factor
+    grad_out = torch.randn(30, 24, generator=generator)
+    onednn_linear(x, weight).backward(grad_out)
+    _, (grad_x, grad_w) = _float64_linear_and_grads(x, weight, None, grad_out)
+    torch.testing.assert_close(weight.grad, grad_w.float(), atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(x.grad, grad_x.float(), atol=1e-4, rtol=1e-5)
 
 
 def test_onednn_linear_gradients_only_where_asked():

@@ -223,14 +223,29 @@ def _product(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None)
     layout outside torch.compile) in oneDNN."""
     if torch.compiler.is_compiling():
         return onednn_product(a, b, bias)
-    return torch.ops.mkldnn._linear_pointwise(a, b, bias, "none", [], "")
+    return torch.ops.mkldnn._linear_pointwise(a, without_gaps(b), bias, "none", [], "")
 
 
 # The same product as an operator that torch.compile keeps whole: inductor lowers oneDNN's own op only for a constant
 # weight (its inference-time weight packing). Eager code calls oneDNN directly, without the custom op's dispatch.
 @torch.library.custom_op("dalle_transformer::onednn_product", mutates_args=())
 def onednn_product(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return torch.ops.mkldnn._linear_pointwise(a, b, bias, "none", [], "")
+    return torch.ops.mkldnn._linear_pointwise(a, without_gaps(b), bias, "none", [], "")
+
+
+def without_gaps(b: torch.Tensor) -> torch.Tensor:
+    """A product's second factor ``b`` (``[N, K]``) as oneDNN's fast kernels take it: ``b`` itself where its rows or
+    its columns lie side by side (strides ``(K, 1)`` or ``(1, N)``, or a tensor in oneDNN's own layout), else a
+    contiguous copy. With gaps between them (a weight sliced from a wider one) oneDNN runs its reference kernel:
+    400-900x slower here ([512, 256] with rows 320 floats apart: 442 ms a product, against 1.1 ms contiguous)."""
+    if b.layout != torch.strided:
+        return b
+    (rows, cols), (row_step, col_step) = b.shape, b.stride()
+    if (col_step == 1 or cols == 1) and (row_step == cols or rows == 1):
+        return b
+    if (row_step == 1 or rows == 1) and (col_step == rows or cols == 1):
+        return b
+    return b.contiguous()
 
 
 @onednn_product.register_fake
