@@ -296,7 +296,7 @@ def append_markdown(results: dict, path: Path) -> None:
         lines.append(
             f"| {name} | {attention} | {fmt(train.get('tokens_per_s'))} "
             f"| {fmt((peer_train or {}).get('tokens_per_s'))} "
-            f"| {train_ratio_cell(entry.get('train_ratios'), train, peer_train)} | {fraction} | {memory} "
+            f"| {train_ratio_cell(entry.get('train_ratios'))} | {fraction} | {memory} "
             f"| {train_compiled_cell} | {ratio(train_compiled, peer_train, 'tokens_per_s')} "
             f"| {fmt(gen.get('image_tokens_per_s'))} | {fmt(guided.get('image_tokens_per_s'))} | {compiled_cell} "
             f"| {generation_cell(loop, tokens)} | {generation_cell(full, tokens)} "
@@ -320,11 +320,11 @@ def append_markdown(results: dict, path: Path) -> None:
         handle.write("\n".join(lines) + "\n")
 
 
-def train_ratio_cell(pairs: list[float] | None, train: dict, peer_train: dict | None) -> str:
-    """The median of the training pairs' ratios, with the lowest and highest where there are several (results
-    written before pairs were kept: the ratio of the two medians)."""
+def train_ratio_cell(pairs: list[float] | None) -> str:
+    """The median of the training pairs' ratios, with the lowest and highest where there are several; n/a without
+    a pair (no peer, or no pair where both sides measured)."""
     if not pairs:
-        return ratio(train, peer_train, "tokens_per_s")
+        return "n/a"
     spread = f" ({min(pairs):.2f}-{max(pairs):.2f})" if len(pairs) > 1 else ""
     return f"{statistics.median(pairs):.2f}x{spread}"
 
